@@ -1,0 +1,29 @@
+"""Exception types shared across augserve; each maps to one gRPC status code in server.py."""
+
+from __future__ import annotations
+
+
+class AugserveError(Exception):
+    """Base of every error augserve raises on purpose."""
+
+
+class SpecError(AugserveError, ValueError):
+    """An augmentation spec or configuration field is invalid.
+
+    `field` is the dotted path of the offending field (e.g. ``ops[1].rotate.degrees``), so the
+    message a user sees always names what to fix.
+    """
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+class BadImageError(AugserveError):
+    """An image could not be used: corrupt, truncated, not an image, or over the pixel limit."""
+
+    def __init__(self, source: str, reason: str) -> None:
+        super().__init__(f"{source}: {reason}")
+        self.source = source
+        self.reason = reason

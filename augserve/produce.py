@@ -1,0 +1,112 @@
+"""Producing one augmented batch: check headers, draw plans, run the backend, apply the
+bad-image policy. The server's producers and the in-process benchmarks both call this."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Sequence
+
+import numpy as np
+
+from augserve.backends.base import Backend
+from augserve.errors import BadImageError, SpecError
+from augserve.images import DEFAULT_MAX_PIXELS, inspect_image
+from augserve.plan import SamplePlan, make_plan
+from augserve.spec import AugmentSpec
+
+OnBadImage = Literal["skip", "fail"]
+
+
+@dataclass(frozen=True)
+class BadImagePolicy:
+    """What to do with an image that cannot be used.
+
+    skip: leave it out of its batch and count it (the batch is then smaller).
+    fail: raise `BadImageError` naming the file, which ends the stream.
+    """
+
+    on_bad_image: OnBadImage = "skip"
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+    def __post_init__(self) -> None:
+        if self.on_bad_image not in ("skip", "fail"):
+            raise SpecError("on_bad_image", f"expected 'skip' or 'fail', got {self.on_bad_image!r}")
+        if not 1 <= self.max_pixels <= 2**31:
+            raise SpecError("max_pixels", f"{self.max_pixels} is outside [1, 2**31]")
+
+
+@dataclass(frozen=True)
+class SourceImage:
+    """An encoded image and what identifies it: `source` names it in errors (its path)."""
+
+    sample_id: int
+    label: int
+    source: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class SkippedImage:
+    sample_id: int
+    source: str
+    reason: str
+
+
+@dataclass
+class Batch:
+    """An augmented batch: images [N, H, W, 3] uint8 RGB; sample_ids and labels [N] int64."""
+
+    images: np.ndarray
+    sample_ids: np.ndarray
+    labels: np.ndarray
+    skipped: list[SkippedImage] = field(default_factory=list)
+
+
+def augment_batch(
+    backend: Backend,
+    spec: AugmentSpec,
+    seed: int,
+    epoch: int,
+    sources: Sequence[SourceImage],
+    policy: BadImagePolicy = BadImagePolicy(),
+) -> Batch:
+    """Augment `sources` with the plans of (seed, epoch, sample_id)."""
+    skipped: list[SkippedImage] = []
+    usable: list[SourceImage] = []
+    plans: list[SamplePlan] = []
+
+    def reject(source: SourceImage, reason: str) -> None:
+        if policy.on_bad_image == "fail":
+            raise BadImageError(source.source, reason)
+        skipped.append(SkippedImage(source.sample_id, source.source, reason))
+
+    for source in sources:
+        try:
+            header = inspect_image(source.data, source.source, policy.max_pixels)
+        except BadImageError as error:
+            reject(source, error.reason)
+            continue
+        usable.append(source)
+        plans.append(make_plan(spec, seed, epoch, source.sample_id, (header.height, header.width)))
+
+    if plans and len({plan.output_size for plan in plans}) > 1:
+        raise SpecError(
+            "spec.ops",
+            "images of this batch differ in size and the spec does not fix an output size; "
+            "add crop, resize or random_resized_crop",
+        )
+    if not plans:
+        out_h, out_w = spec.fixed_output_size or (0, 0)
+        empty = np.empty((0,), np.int64)
+        return Batch(np.empty((0, out_h, out_w, 3), np.uint8), empty, empty.copy(), skipped)
+
+    result = backend.augment([source.data for source in usable], plans)
+    for index, reason in sorted(result.failures.items()):
+        reject(usable[index], reason)
+    kept = [usable[index] for index in result.kept]
+    return Batch(
+        result.images,
+        np.array([source.sample_id for source in kept], np.int64),
+        np.array([source.label for source in kept], np.int64),
+        sorted(skipped, key=lambda item: item.sample_id),
+    )
