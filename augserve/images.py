@@ -1,6 +1,6 @@
 """Checking encoded images before any decoder sees them.
 
-`inspect_image` reads only the header: format, size after EXIF orientation, frame count. It
+`inspect_image` reads only the header: format, stored size, EXIF orientation, frame count. It
 rejects what would crash, stall or mislead a decoder: empty data, non-images, unsupported or
 animated formats, truncated JPEG/PNG files and pixel counts over the limit (decompression
 bombs). Both backends call it first, so a bad file is classified the same way everywhere.
@@ -12,6 +12,7 @@ import io
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from augserve.errors import BadImageError
@@ -19,21 +20,34 @@ from augserve.errors import BadImageError
 # Formats both OpenCV and DALI decode.
 SUPPORTED_FORMATS = ("JPEG", "PNG", "BMP", "WEBP", "TIFF")
 DEFAULT_MAX_PIXELS = 40_000_000
-# EXIF orientations 5..8 swap width and height.
-TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
 EXIF_ORIENTATION = 0x0112
 JPEG_START_OF_SCAN = b"\xff\xda"
 JPEG_END = b"\xff\xd9"
 PNG_END = b"IEND"
 
 
+def _jpeg_scan_has_invalid_marker(data: bytes) -> bool:
+    """True when the entropy-coded data holds a byte pair 0xFF 0x01..0xBF, which no valid JPEG
+    has there (stuffed 0xFF00, restarts 0xFFD0..D7 and markers 0xFFC0..FE are allowed).
+
+    libjpeg recovers from some such damage with a warning while DALI's parser rejects it;
+    rejecting it here keeps both backends' verdicts the same.
+    """
+    start = data.find(JPEG_START_OF_SCAN)
+    scan = np.frombuffer(data, np.uint8, offset=start + 2) if start >= 0 else np.empty(0, np.uint8)
+    following = scan[1:][scan[:-1] == 0xFF]
+    return bool(np.any((following >= 0x01) & (following <= 0xBF)))
+
+
 @dataclass(frozen=True)
 class ImageHeader:
-    """What the header says: format name and the size (height, width) decoders will produce."""
+    """What the header says: format name, stored size in pixels, and the EXIF orientation
+    (1 to 8; 1 is upright). Decoders return the stored pixels; plans apply the orientation."""
 
     format: str
     height: int
     width: int
+    orientation: int = 1
 
 
 def inspect_image(data: bytes, source: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageHeader:
@@ -48,7 +62,7 @@ def inspect_image(data: bytes, source: str, max_pixels: int = DEFAULT_MAX_PIXELS
                 image_format = image.format or "unknown"
                 width, height = image.size
                 frames = getattr(image, "n_frames", 1)
-                # Both decoders apply EXIF orientation to JPEG files.
+                # Cameras write the orientation tag into JPEG files; other formats are taken as stored.
                 orientation = image.getexif().get(EXIF_ORIENTATION, 1) if image_format == "JPEG" else 1
     except Image.DecompressionBombError:
         raise BadImageError(source, f"over the pixel limit of {max_pixels}") from None
@@ -68,8 +82,10 @@ def inspect_image(data: bytes, source: str, max_pixels: int = DEFAULT_MAX_PIXELS
     # (an embedded thumbnail's end marker comes before it).
     if image_format == "JPEG" and data.rfind(JPEG_END) < data.rfind(JPEG_START_OF_SCAN):
         raise BadImageError(source, "truncated JPEG (no end-of-image marker after the last scan)")
+    if image_format == "JPEG" and _jpeg_scan_has_invalid_marker(data):
+        raise BadImageError(source, "corrupt JPEG (invalid marker in the image data)")
     if image_format == "PNG" and PNG_END not in data[-64:]:
         raise BadImageError(source, "truncated PNG (no IEND chunk)")
-    if orientation in TRANSPOSING_ORIENTATIONS:
-        width, height = height, width
-    return ImageHeader(image_format, height, width)
+    if orientation not in range(1, 9):
+        orientation = 1  # an invalid tag means upright, as in every viewer
+    return ImageHeader(image_format, height, width, orientation)

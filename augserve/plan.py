@@ -22,6 +22,10 @@ MAX_EPOCH = 2**24 - 1
 MAX_SAMPLE_ID = 2**40 - 1
 # Bilinear sampling reads one pixel beyond a coordinate; one more guards rounding.
 WINDOW_MARGIN = 2
+# Nearest-neighbour scaling by whole factors puts source coordinates exactly between two
+# pixels, where backends round differently (OpenCV in fixed point, DALI in float). Moving
+# every coordinate by 1/64 pixel decides those ties the same way everywhere (upwards).
+NEAREST_TIE_BREAK = 1.0 / 64.0
 
 
 def uniforms(seed: int, epoch: int, sample_id: int, count: int) -> np.ndarray:
@@ -36,11 +40,32 @@ def uniforms(seed: int, epoch: int, sample_id: int, count: int) -> np.ndarray:
     return np.random.Generator(np.random.Philox(key=key)).random(count)
 
 
+def orientation_matrix(orientation: int, stored_size: tuple[int, int]) -> np.ndarray:
+    """3x3 map from stored pixel coordinates to upright ones for an EXIF orientation (1..8)."""
+    height, width = stored_size
+    right, bottom = width - 1.0, height - 1.0
+    # (x', y') as rows of [coefficient of x, coefficient of y, constant]
+    table = {
+        1: ((1, 0, 0), (0, 1, 0)),
+        2: ((-1, 0, right), (0, 1, 0)),  # mirrored left-right
+        3: ((-1, 0, right), (0, -1, bottom)),  # rotated 180
+        4: ((1, 0, 0), (0, -1, bottom)),  # mirrored top-bottom
+        5: ((0, 1, 0), (1, 0, 0)),  # transposed
+        6: ((0, -1, bottom), (1, 0, 0)),  # needs 90 degrees clockwise
+        7: ((0, -1, bottom), (-1, 0, right)),  # transversed
+        8: ((0, 1, 0), (-1, 0, right)),  # needs 90 degrees counter-clockwise
+    }
+    matrix = np.eye(3)
+    matrix[:2] = np.array(table[orientation], dtype=np.float64)
+    return matrix
+
+
 @dataclass(frozen=True, eq=False)
 class SamplePlan:
     """Everything a backend needs to augment one sample, as plain numbers.
 
-    Sizes are (height, width) in pixels. `warp` maps output pixel coordinates to source pixel
+    Sizes are (height, width) in pixels; `source_size` is the image as stored, before its EXIF
+    orientation, which the warp includes. `warp` maps output pixel coordinates to stored pixel
     coordinates (pixel centres at integers; OpenCV's WARP_INVERSE_MAP convention).
     `source_window` (x, y, width, height) is the part of the source the warp reads, clipped to
     the image. `color` is a 3x4 affine map on RGB in [0, 255], or None for identity.
@@ -83,17 +108,26 @@ def _source_window(inverse: np.ndarray, source_size: tuple[int, int], output_siz
 
 
 def make_plan(
-    spec: AugmentSpec, seed: int, epoch: int, sample_id: int, source_size: tuple[int, int]
+    spec: AugmentSpec,
+    seed: int,
+    epoch: int,
+    sample_id: int,
+    source_size: tuple[int, int],
+    orientation: int = 1,
 ) -> SamplePlan:
-    """Draw the plan of one sample whose decoded image is `source_size` (height, width)."""
+    """Draw the plan of one sample stored as `source_size` (height, width) pixels with EXIF
+    `orientation`; ops see the upright image."""
     numbers = uniforms(seed, epoch, sample_id, spec.uniform_count)
-    canvas = Canvas(height=source_size[0], width=source_size[1])
+    upright = source_size if orientation <= 4 else (source_size[1], source_size[0])
+    canvas = Canvas(height=upright[0], width=upright[1], forward=orientation_matrix(orientation, source_size))
     offset = 0
     for op in spec.ops:
         definition = op.definition
         definition.plan(op.values, numbers[offset : offset + definition.uniforms], canvas)
         offset += definition.uniforms
     inverse = np.linalg.inv(canvas.forward)[:2]
+    if canvas.interpolation == "nearest" and not np.allclose(inverse[:, :2], np.eye(2)):
+        inverse[:, 2] += NEAREST_TIE_BREAK
     output_size = (canvas.height, canvas.width)
     color = None if np.allclose(canvas.color, np.eye(4)) else canvas.color[:3].astype(np.float32)
     return SamplePlan(
@@ -108,14 +142,3 @@ def make_plan(
         fill_mode=spec.fill_mode,
         fill_value=spec.fill_value,
     )
-
-
-def make_plans(
-    spec: AugmentSpec,
-    seed: int,
-    epoch: int,
-    sample_ids: list[int],
-    source_sizes: list[tuple[int, int]],
-) -> list[SamplePlan]:
-    """Plans for a batch; the same as calling `make_plan` for each sample alone."""
-    return [make_plan(spec, seed, epoch, i, size) for i, size in zip(sample_ids, source_sizes)]

@@ -87,7 +87,7 @@ def augment_batch(
             reject(source, error.reason)
             continue
         usable.append(source)
-        plans.append(make_plan(spec, seed, epoch, source.sample_id, (header.height, header.width)))
+        plans.append(make_plan(spec, seed, epoch, source.sample_id, (header.height, header.width), header.orientation))
 
     if plans and len({plan.output_size for plan in plans}) > 1:
         raise SpecError(

@@ -112,6 +112,7 @@ def _build_pipeline(shape: PipelineShape, batch_size: int, threads: int, device_
             device=decode_device,
             output_type=types.RGB,
             axis_names="WH",
+            adjust_orientation=False,  # the plan's warp applies EXIF orientation
         )
         images = fn.warp_affine(
             images,

@@ -1,6 +1,7 @@
 """The OpenCV backend: the CPU fallback, and the reference the DALI backend is tested against.
 
-Per sample: `imdecode` straight to RGB, one `warpAffine` straight into the batch's output slot,
+Per sample: `imdecode` to RGB as stored, one `warpAffine` (which also applies the EXIF
+orientation) straight into the batch's output slot,
 one `cv2.transform` for the colour matrix, numpy slices for erasing. Samples run on a thread
 pool; OpenCV releases the GIL, so threads scale with cores.
 """
@@ -25,11 +26,17 @@ class DecodeError(Exception):
     """A sample's bytes did not decode to the size its header promised."""
 
 
-def augment_into(data: bytes, plan: SamplePlan, out: np.ndarray) -> None:
-    """Decode `data` and write the augmented sample into `out` ([H, W, 3] uint8, RGB)."""
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR_RGB)
+def decode_stored(data: bytes) -> np.ndarray:
+    """Decode to [H, W, 3] uint8 RGB as stored (no EXIF rotation); DecodeError if corrupt."""
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION)
     if image is None:
         raise DecodeError("could not be decoded")
+    return image
+
+
+def augment_into(data: bytes, plan: SamplePlan, out: np.ndarray) -> None:
+    """Decode `data` and write the augmented sample into `out` ([H, W, 3] uint8, RGB)."""
+    image = decode_stored(data)
     if image.shape[:2] != plan.source_size:
         raise DecodeError(f"decoded size {image.shape[:2]} differs from the header's {plan.source_size}")
     out_h, out_w = plan.output_size

@@ -1,0 +1,3 @@
+from augserve.cli import main
+import sys
+sys.exit(main())
