@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import yaml
 
 from augserve.backends import BACKEND_CHOICES, create_backend
 from augserve.demo import DemoConfig, ensure_demo_dataset
-from augserve.errors import AugserveError
+from augserve.errors import AugserveError, SpecError
 from augserve.produce import SourceImage, augment_batch
 from augserve.spec import AugmentSpec, load_spec_file
 
@@ -62,6 +65,79 @@ def preview(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dataset_entry(text: str) -> tuple[str, str]:
+    name, separator, path = text.partition("=")
+    if not separator or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {text!r}")
+    return name, path
+
+
+def _server_config(args: argparse.Namespace) -> Any:
+    """ServerConfig from an optional YAML file, then command-line flags over it."""
+    from augserve.server import DatasetConfig, ServerConfig
+    from augserve.sessions import Limits
+
+    settings: dict[str, Any] = {}
+    if args.config:
+        with open(args.config, encoding="utf-8") as handle:
+            settings = yaml.safe_load(handle) or {}
+        if not isinstance(settings, dict):
+            raise SpecError("config", "expected a mapping")
+    known = {"host", "port", "backend", "threads", "datasets", "limits", "grace_seconds"}
+    for key in settings:
+        if key not in known:
+            raise SpecError(f"config.{key}", f"unknown key; known: {sorted(known)}")
+    datasets: dict[str, DatasetConfig] = {}
+    for name, entry in (settings.get("datasets") or {}).items():
+        entry = {"path": entry} if isinstance(entry, str) else dict(entry)
+        try:
+            datasets[name] = DatasetConfig(**entry)
+        except TypeError as error:
+            raise SpecError(f"config.datasets.{name}", str(error)) from None
+    for name, path in args.dataset or []:
+        datasets[name] = DatasetConfig(path, args.validation_fraction, args.split_seed)
+    if args.demo:
+        datasets.setdefault("demo", DatasetConfig(str(ensure_demo_dataset(DemoConfig())), args.validation_fraction or 0.2))
+    limit_fields = {item.name for item in dataclasses.fields(Limits)}
+    limit_settings = dict(settings.get("limits") or {})
+    for key in limit_settings:
+        if key not in limit_fields:
+            raise SpecError(f"config.limits.{key}", f"unknown limit; known: {sorted(limit_fields)}")
+    for key in limit_fields:
+        value = getattr(args, key, None)
+        if value is not None:
+            limit_settings[key] = value
+    return ServerConfig(
+        host=args.host or settings.get("host", "127.0.0.1"),
+        port=args.port if args.port is not None else int(settings.get("port", 50051)),
+        backend=args.backend or settings.get("backend", "auto"),
+        threads=args.threads or settings.get("threads"),
+        datasets=datasets,
+        limits=Limits(**limit_settings),
+        grace_seconds=float(settings.get("grace_seconds", 10.0)),
+    )
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    from augserve.server import serve
+
+    serve(_server_config(args), port_file=args.port_file)
+    return 0
+
+
+def index_command(args: argparse.Namespace) -> int:
+    from augserve.datasets import load_manifest
+
+    manifest = load_manifest(args.path, threads=args.threads or 8)
+    size = manifest.uniform_size()
+    print(
+        f"{args.path}: {len(manifest)} images, {len(manifest.classes)} classes, "
+        f"{'all ' + str(size[0]) + 'x' + str(size[1]) if size else 'sizes vary'}, "
+        f"{int((manifest.heights == 0).sum())} unreadable headers"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="augserve", description=__doc__)
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
@@ -76,6 +152,31 @@ def build_parser() -> argparse.ArgumentParser:
     preview_parser.add_argument("--seed", type=int, default=0)
     preview_parser.add_argument("--output", default="runs/preview.png")
     preview_parser.set_defaults(handler=preview)
+
+    serve_parser = commands.add_parser("serve", help="run the augmentation server")
+    serve_parser.add_argument("--config", help="YAML file: host, port, backend, threads, datasets, limits")
+    serve_parser.add_argument("--host", help="address to bind (default 127.0.0.1: loopback only)")
+    serve_parser.add_argument("--port", type=int, help="port (default 50051; 0 picks a free one)")
+    serve_parser.add_argument("--port-file", help="write the bound port to this file once serving")
+    serve_parser.add_argument("--backend", choices=BACKEND_CHOICES, help="default auto")
+    serve_parser.add_argument("--threads", type=int, help="backend worker threads (default: all cores)")
+    serve_parser.add_argument("--dataset", action="append", type=_dataset_entry, metavar="NAME=PATH",
+                              help="serve an ImageFolder tree or CSV list under NAME (repeatable)")
+    serve_parser.add_argument("--demo", action="store_true", help="also serve the built-in demo dataset as 'demo'")
+    serve_parser.add_argument("--validation-fraction", type=float, default=0.0,
+                              help="fraction of each class held out as the validation split (default 0)")
+    serve_parser.add_argument("--split-seed", type=int, default=0)
+    serve_parser.add_argument("--max-sessions", dest="max_sessions", type=int)
+    serve_parser.add_argument("--max-batch-size", dest="max_batch_size", type=int)
+    serve_parser.add_argument("--max-prefetch", dest="max_prefetch", type=int)
+    serve_parser.add_argument("--max-buffer-bytes", dest="max_buffer_bytes", type=int)
+    serve_parser.add_argument("--group-window", dest="group_window", type=int)
+    serve_parser.set_defaults(handler=serve_command)
+
+    index_parser = commands.add_parser("index", help="build (and cache) a dataset's manifest ahead of serving")
+    index_parser.add_argument("path", help="ImageFolder root or CSV file list")
+    index_parser.add_argument("--threads", type=int)
+    index_parser.set_defaults(handler=index_command)
     return parser
 
 

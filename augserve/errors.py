@@ -27,3 +27,19 @@ class BadImageError(AugserveError):
         super().__init__(f"{source}: {reason}")
         self.source = source
         self.reason = reason
+
+
+class NotFoundError(AugserveError):
+    """A named thing (dataset) does not exist on this server."""
+
+
+class LimitError(AugserveError):
+    """A request is over one of the server's limits, or the server is full."""
+
+
+class UnavailableError(AugserveError):
+    """The server is shutting down or cannot serve right now; retry (with a resume token)."""
+
+
+class AuthenticationError(AugserveError):
+    """Missing or wrong credentials."""

@@ -69,8 +69,13 @@ def augment_batch(
     epoch: int,
     sources: Sequence[SourceImage],
     policy: BadImagePolicy = BadImagePolicy(),
+    out: np.ndarray | None = None,
 ) -> Batch:
-    """Augment `sources` with the plans of (seed, epoch, sample_id)."""
+    """Augment `sources` with the plans of (seed, epoch, sample_id).
+
+    With `out` ([len(sources), H, W, 3] uint8, e.g. a shared-memory slot) the images are
+    written there and the batch's images are its first rows.
+    """
     skipped: list[SkippedImage] = []
     usable: list[SourceImage] = []
     plans: list[SamplePlan] = []
@@ -100,7 +105,9 @@ def augment_batch(
         empty = np.empty((0,), np.int64)
         return Batch(np.empty((0, out_h, out_w, 3), np.uint8), empty, empty.copy(), skipped)
 
-    result = backend.augment([source.data for source in usable], plans)
+    result = backend.augment(
+        [source.data for source in usable], plans, None if out is None else out[: len(plans)]
+    )
     for index, reason in sorted(result.failures.items()):
         reject(usable[index], reason)
     kept = [usable[index] for index in result.kept]

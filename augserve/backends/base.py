@@ -26,15 +26,36 @@ class AugmentResult:
 class Backend(Protocol):
     """Executes plans. Deterministic: the same bytes and plans give the same pixels.
 
-    Every plan in one call has the same `output_size`. Implementations are safe to call from
-    one thread at a time; the server serialises calls per backend.
+    Every plan in one call has the same `output_size`. With `out` ([len(plans), H, W, 3] uint8)
+    the images are written there and `AugmentResult.images` is `out[:len(kept)]`.
     """
 
     name: str
 
-    def augment(self, encoded: Sequence[bytes], plans: Sequence[SamplePlan]) -> AugmentResult: ...
+    def augment(
+        self, encoded: Sequence[bytes], plans: Sequence[SamplePlan], out: np.ndarray | None = None
+    ) -> AugmentResult: ...
 
     def close(self) -> None: ...
+
+
+def compact(images: np.ndarray, kept: list[int]) -> np.ndarray:
+    """Move the kept rows (ascending indices) to the front in place; return that prefix."""
+    for index, source in enumerate(kept):
+        if index != source:
+            images[index] = images[source]
+    return images[: len(kept)]
+
+
+def output_array(plans: Sequence[SamplePlan], out: np.ndarray | None) -> np.ndarray:
+    """`out`, checked against the plans, or a new [N, H, W, 3] uint8 array."""
+    out_h, out_w = output_size_of(plans)
+    shape = (len(plans), out_h, out_w, 3)
+    if out is None:
+        return np.empty(shape, np.uint8)
+    if out.shape != shape or out.dtype != np.uint8:
+        raise ValueError(f"out has shape {out.shape} {out.dtype}, expected {shape} uint8")
+    return out
 
 
 def output_size_of(plans: Sequence[SamplePlan]) -> tuple[int, int]:

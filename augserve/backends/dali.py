@@ -15,7 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
-from augserve.backends.base import AugmentResult, output_size_of
+from augserve.backends.base import AugmentResult, output_array, output_size_of
 from augserve.plan import SamplePlan
 
 log = logging.getLogger(__name__)
@@ -200,13 +200,17 @@ class DaliBackend:
             images = images.as_cpu()
         return images.as_array()
 
-    def augment(self, encoded: Sequence[bytes], plans: Sequence[SamplePlan]) -> AugmentResult:
+    def augment(
+        self, encoded: Sequence[bytes], plans: Sequence[SamplePlan], out: np.ndarray | None = None
+    ) -> AugmentResult:
         shape = PipelineShape.of_batch(plans)
+        images = output_array(plans, out)
         if len(plans) > self.max_batch_size:
             raise ValueError(f"batch of {len(plans)} is over this backend's maximum {self.max_batch_size}")
         with self._lock:
             try:
-                return AugmentResult(self._run(shape, encoded, plans), list(range(len(plans))))
+                images[...] = self._run(shape, encoded, plans)
+                return AugmentResult(images, list(range(len(plans))))
             except Exception as error:
                 log.info("DALI batch failed (%s); retrying sample by sample", str(error).splitlines()[0])
             kept: list[int] = []
@@ -217,11 +221,9 @@ class DaliBackend:
                     kept.append(index)
                 except Exception as error:
                     failures[index] = _short_reason(error)
-            if not kept:
-                out_h, out_w = shape.output_size
-                return AugmentResult(np.empty((0, out_h, out_w, 3), np.uint8), [], failures)
-            images = self._run(shape, [encoded[i] for i in kept], [plans[i] for i in kept])
-            return AugmentResult(images, kept, failures)
+            if kept:
+                images[: len(kept)] = self._run(shape, [encoded[i] for i in kept], [plans[i] for i in kept])
+            return AugmentResult(images[: len(kept)], kept, failures)
 
     def close(self) -> None:
         with self._lock:

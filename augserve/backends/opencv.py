@@ -15,7 +15,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from augserve.backends.base import AugmentResult, output_size_of
+from augserve.backends.base import AugmentResult, compact, output_array
 from augserve.plan import SamplePlan
 
 INTERPOLATION_FLAGS = {"linear": cv2.INTER_LINEAR, "nearest": cv2.INTER_NEAREST}
@@ -34,9 +34,8 @@ def decode_stored(data: bytes) -> np.ndarray:
     return image
 
 
-def augment_into(data: bytes, plan: SamplePlan, out: np.ndarray) -> None:
-    """Decode `data` and write the augmented sample into `out` ([H, W, 3] uint8, RGB)."""
-    image = decode_stored(data)
+def apply_plan(image: np.ndarray, plan: SamplePlan, out: np.ndarray) -> None:
+    """Write the augmented `image` (decoded, [H, W, 3] uint8 RGB as stored) into `out`."""
     if image.shape[:2] != plan.source_size:
         raise DecodeError(f"decoded size {image.shape[:2]} differs from the header's {plan.source_size}")
     out_h, out_w = plan.output_size
@@ -56,6 +55,11 @@ def augment_into(data: bytes, plan: SamplePlan, out: np.ndarray) -> None:
             out[top : top + height, left : left + width] = step.value
 
 
+def augment_into(data: bytes, plan: SamplePlan, out: np.ndarray) -> None:
+    """Decode `data` and write the augmented sample into `out` ([H, W, 3] uint8, RGB)."""
+    apply_plan(decode_stored(data), plan, out)
+
+
 class OpenCVBackend:
     """Plans executed with OpenCV on a pool of `threads` worker threads."""
 
@@ -65,9 +69,10 @@ class OpenCVBackend:
         self.threads = threads or os.cpu_count() or 1
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="augserve-opencv")
 
-    def augment(self, encoded: Sequence[bytes], plans: Sequence[SamplePlan]) -> AugmentResult:
-        out_h, out_w = output_size_of(plans)
-        images = np.empty((len(plans), out_h, out_w, 3), np.uint8)
+    def augment(
+        self, encoded: Sequence[bytes], plans: Sequence[SamplePlan], out: np.ndarray | None = None
+    ) -> AugmentResult:
+        images = output_array(plans, out)
 
         def run(index: int) -> str | None:
             try:
@@ -81,7 +86,7 @@ class OpenCVBackend:
         if not failures:
             return AugmentResult(images, list(range(len(plans))))
         kept = [index for index in range(len(plans)) if index not in failures]
-        return AugmentResult(images[kept], kept, failures)
+        return AugmentResult(compact(images, kept), kept, failures)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)

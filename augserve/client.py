@@ -1,0 +1,323 @@
+"""The Python client: streams of augmented batches as numpy arrays or torch tensors.
+
+    with Client("127.0.0.1:50051") as client:
+        with client.stream("demo", spec=spec, batch_size=64, epochs=2) as stream:
+            for batch in stream:                 # numpy: images [N, H, W, 3] uint8
+                ...
+            # or: for images, labels in stream.torch("cuda"): float [N, 3, H, W], normalized
+
+Every failure reaches the caller as `AugserveClientError` (status code, message, and the last
+resume token when the server gave one).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import grpc
+import numpy as np
+
+from augserve._proto.augserve.v1 import augserve_pb2 as pb
+from augserve._proto.augserve.v1 import augserve_pb2_grpc as pb_grpc
+from augserve.spec import AugmentSpec
+from augserve.transport.ring import SlotReader, remove_probe, shared_memory_available, write_probe
+from augserve.wire import (
+    BAD_IMAGE_VALUES,
+    GROUP_POLICY_VALUES,
+    RESUME_METADATA_KEY,
+    SPLIT_VALUES,
+    TRANSPORT_VALUES,
+    spec_to_proto,
+    tensor_from_proto,
+)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", 4 << 20)]
+
+
+class AugserveClientError(Exception):
+    """A failed call: `code` is the gRPC status code, `message` the server's explanation."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, resume_token: bytes = b"") -> None:
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
+        self.resume_token = resume_token
+
+    @classmethod
+    def from_rpc(cls, error: grpc.RpcError, resume_token: bytes = b"") -> AugserveClientError:
+        code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
+        details = error.details() if hasattr(error, "details") else str(error)
+        for key, value in (error.trailing_metadata() or ()) if hasattr(error, "trailing_metadata") else ():
+            if key == RESUME_METADATA_KEY:
+                resume_token = value
+        return cls(code or grpc.StatusCode.UNKNOWN, details or "", resume_token)
+
+
+@dataclass(frozen=True)
+class SessionFacts:
+    """What the server said about a session when it opened."""
+
+    session_id: str
+    samples_per_epoch: int
+    batches_per_epoch: int
+    classes: tuple[str, ...]
+    backend: str
+    output_size: tuple[int, int]
+    transport: str
+    prefetch: int
+    start_epoch: int
+    start_position: int
+    shared: bool
+
+
+@dataclass
+class ReceivedBatch:
+    """One batch. `images` is [count, H, W, 3] uint8 RGB; with shared memory it maps the
+    server's slot and stays valid until the next batch is requested (copy it to keep it)."""
+
+    sequence: int
+    epoch: int
+    position: int
+    images: np.ndarray
+    labels: np.ndarray
+    sample_ids: np.ndarray
+    resume_token: bytes
+    skipped: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class EpochSummary:
+    epoch: int
+    samples: int
+    skipped: int
+
+
+class BatchStream:
+    """An open session. Iterate it for `ReceivedBatch`es; close it (or use `with`) when done."""
+
+    def __init__(self, stub: pb_grpc.AugmentStub, open_message: pb.OpenSession, probe: str | None, timeout: float | None) -> None:
+        self._outgoing: queue.Queue[pb.ClientMessage | None] = queue.Queue()
+        self._outgoing.put(pb.ClientMessage(open=open_message))
+        self._probe = probe
+        self._reader: SlotReader | None = None
+        self._pending_release: int | None = None
+        self._closed = False
+        self._lock = threading.Lock()
+        self.last_resume_token: bytes = open_message.resume_token
+        self.epochs: list[EpochSummary] = []
+        self.end_reason: str | None = None
+        self._call = stub.Stream(iter(self._outgoing.get, None), timeout=timeout)
+        try:
+            first = next(self._call)
+        except grpc.RpcError as error:
+            self._cleanup()
+            raise AugserveClientError.from_rpc(error) from None
+        finally:
+            if probe is not None:
+                remove_probe(probe)
+                self._probe = None
+        info = first.info
+        self.facts = SessionFacts(
+            session_id=info.session_id,
+            samples_per_epoch=info.samples_per_epoch,
+            batches_per_epoch=info.batches_per_epoch,
+            classes=tuple(info.classes),
+            backend=info.backend,
+            output_size=(info.output_size[0], info.output_size[1]),
+            transport="shared_memory" if info.transport == pb.TRANSPORT_SHARED_MEMORY else "inband",
+            prefetch=info.prefetch,
+            start_epoch=info.start_epoch,
+            start_position=info.start_position,
+            shared=info.shared,
+        )
+        if info.shm_name:
+            self._reader = SlotReader(info.shm_name, info.slot_bytes, info.slot_count)
+
+    def __iter__(self) -> Iterator[ReceivedBatch]:
+        try:
+            for message in self._call:
+                kind = message.WhichOneof("kind")
+                if kind == "batch":
+                    self._acknowledge_previous()
+                    batch = self._receive(message.batch)
+                    self.last_resume_token = batch.resume_token
+                    yield batch
+                elif kind == "epoch_end":
+                    end = message.epoch_end
+                    self.epochs.append(EpochSummary(end.epoch, end.samples, end.skipped))
+                elif kind == "end":
+                    self.end_reason = message.end.reason
+        except grpc.RpcError as error:
+            if self._closed and error.code() == grpc.StatusCode.CANCELLED:
+                return
+            raise AugserveClientError.from_rpc(error, self.last_resume_token) from None
+        finally:
+            self._acknowledge_previous()
+
+    def _receive(self, message: pb.Batch) -> ReceivedBatch:
+        height, width = self.facts.output_size
+        if self._reader is not None:
+            images = self._reader.view(message.slot, (message.count, height, width, 3))
+            self._pending_release = message.sequence
+        else:
+            images = tensor_from_proto(message.images)
+            self._pending_release = -1  # in-band: only a credit to send
+        return ReceivedBatch(
+            sequence=message.sequence,
+            epoch=message.epoch,
+            position=message.position,
+            images=images,
+            labels=np.array(message.labels, np.int64),
+            sample_ids=np.array(message.sample_ids, np.int64),
+            resume_token=message.resume_token,
+            skipped=list(message.skipped),
+        )
+
+    def _acknowledge_previous(self) -> None:
+        """The caller moved on: free the previous batch's slot and grant one more batch."""
+        sequence, self._pending_release = self._pending_release, None
+        if sequence is None or self._closed:
+            return
+        if sequence >= 0:
+            self._outgoing.put(pb.ClientMessage(release=pb.ReleaseSlot(sequence=sequence)))
+        self._outgoing.put(pb.ClientMessage(credit=pb.Credit(batches=1)))
+
+    def torch(
+        self,
+        device: Any = "cpu",
+        normalize: bool = True,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ) -> Iterator[tuple[Any, Any]]:
+        """(images, labels) as torch tensors on `device`: float32 [N, 3, H, W] scaled to [0, 1]
+        and normalized by mean/std (or uint8 [N, H, W, 3] with normalize=False)."""
+        for batch in self:
+            yield to_torch(batch.images, batch.labels, device, normalize, mean, std)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._call.cancel()
+        self._cleanup()
+
+    def _cleanup(self) -> None:
+        self._outgoing.put(None)
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+        if self._probe is not None:
+            remove_probe(self._probe)
+            self._probe = None
+
+    def __enter__(self) -> BatchStream:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def to_torch(images: np.ndarray, labels: np.ndarray, device: Any, normalize: bool, mean: Sequence[float], std: Sequence[float]):
+    """uint8 NHWC numpy -> torch on `device`; normalization runs on the device. A CUDA device
+    gets a pinned-memory copy and a non-blocking transfer."""
+    import torch
+
+    device = torch.device(device)
+    if not images.flags.writeable:
+        images = images.copy()  # in-band arrays view the message's immutable bytes
+    pixels = torch.from_numpy(images)
+    targets = torch.from_numpy(labels)
+    if device.type == "cuda":
+        pixels = pixels.pin_memory().to(device, non_blocking=True)
+        targets = targets.pin_memory().to(device, non_blocking=True)
+    if not normalize:
+        return pixels, targets
+    mean_tensor = torch.tensor(mean, device=device, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+    std_tensor = torch.tensor(std, device=device, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+    floats = pixels.permute(0, 3, 1, 2).float()
+    return (floats - mean_tensor) / std_tensor, targets
+
+
+class Client:
+    """A connection to one augserve server."""
+
+    def __init__(self, endpoint: str, timeout: float | None = None, credentials: grpc.ChannelCredentials | None = None) -> None:
+        self.endpoint = endpoint
+        self.timeout = timeout
+        if credentials is None:
+            self._channel = grpc.insecure_channel(endpoint, options=CHANNEL_OPTIONS)
+        else:
+            self._channel = grpc.secure_channel(endpoint, credentials, options=CHANNEL_OPTIONS)
+        self._stub = pb_grpc.AugmentStub(self._channel)
+
+    def list_datasets(self) -> list[pb.DatasetInfo]:
+        try:
+            return list(self._stub.ListDatasets(pb.ListDatasetsRequest(), timeout=self.timeout or 30).datasets)
+        except grpc.RpcError as error:
+            raise AugserveClientError.from_rpc(error) from None
+
+    def server_info(self) -> pb.ServerInfo:
+        try:
+            return self._stub.GetServerInfo(pb.ServerInfoRequest(), timeout=self.timeout or 30)
+        except grpc.RpcError as error:
+            raise AugserveClientError.from_rpc(error) from None
+
+    def stream(
+        self,
+        dataset: str,
+        *,
+        spec: AugmentSpec | None = None,
+        batch_size: int = 32,
+        seed: int = 0,
+        epochs: int = 1,
+        split: str = "train",
+        shard_index: int = 0,
+        shard_count: int = 1,
+        transport: str = "auto",
+        prefetch: int = 0,
+        resume_token: bytes = b"",
+        on_bad_image: str = "skip",
+        drop_last: bool = False,
+        eval_size: tuple[int, int] | None = None,
+        group_policy: str = "lockstep",
+    ) -> BatchStream:
+        """Open a session. epochs=0 streams endlessly; transport is auto | inband | shared_memory."""
+        open_message = pb.OpenSession(
+            dataset=dataset,
+            split=SPLIT_VALUES[split],
+            batch_size=batch_size,
+            seed=seed,
+            epochs=epochs,
+            shard_index=shard_index,
+            shard_count=shard_count,
+            transport=TRANSPORT_VALUES[transport],
+            prefetch=prefetch,
+            resume_token=resume_token,
+            on_bad_image=BAD_IMAGE_VALUES[on_bad_image],
+            drop_last=drop_last,
+            eval_size=list(eval_size or ()),
+            group_policy=GROUP_POLICY_VALUES[group_policy],
+        )
+        if spec is not None:
+            open_message.spec.CopyFrom(spec_to_proto(spec))
+        probe = None
+        if transport != "inband" and shared_memory_available():
+            probe, nonce = write_probe()
+            open_message.shm_probe_name = probe
+            open_message.shm_probe_nonce = nonce
+        return BatchStream(self._stub, open_message, probe, self.timeout)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

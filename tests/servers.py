@@ -1,0 +1,80 @@
+"""Starting real augserve servers for tests: in this process, or as a separate process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from augserve.server import AugserveServer, DatasetConfig, ServerConfig, create_server
+from augserve.sessions import Limits
+from augserve.transport.ring import our_segments
+
+
+@contextmanager
+def running_server(datasets: dict[str, DatasetConfig], backend: str = "opencv", **limits: object) -> Iterator[AugserveServer]:
+    server = create_server(ServerConfig(backend=backend, threads=2, datasets=datasets, limits=Limits(**limits)))
+    try:
+        yield server
+    finally:
+        server.stop(grace=2.0)
+
+
+class ServerProcess:
+    """`augserve serve` in a child process on a free loopback port."""
+
+    def __init__(self, tmp_path: Path, datasets: dict[str, str], extra: list[str] | None = None) -> None:
+        port_file = tmp_path / f"port-{time.monotonic_ns()}"
+        command = [sys.executable, "-m", "augserve", "serve", "--port", "0", "--port-file", str(port_file),
+                   "--backend", "opencv", "--threads", "2"]
+        for name, path in datasets.items():
+            command += ["--dataset", f"{name}={path}"]
+        self.log_path = tmp_path / f"server-{time.monotonic_ns()}.log"
+        self._log = open(self.log_path, "wb")
+        self.process = subprocess.Popen(command + (extra or []), stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while not port_file.exists():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"server did not start:\n{self.log_path.read_text()}")
+            time.sleep(0.05)
+        self.port = int(port_file.read_text())
+        self.address = f"127.0.0.1:{self.port}"
+
+    def signal(self, number: int) -> None:
+        self.process.send_signal(number)
+
+    def wait(self, timeout: float = 30) -> int:
+        return self.process.wait(timeout)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        self._log.close()
+
+
+def segments_of(pid: int) -> list[Path]:
+    return [path for path in our_segments() if path.name.split("-")[2] == str(pid)]
+
+
+def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+def own_segments() -> list[Path]:
+    return segments_of(os.getpid())
