@@ -194,10 +194,14 @@ class BatchStream:
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
     ) -> Iterator[tuple[Any, Any]]:
-        """(images, labels) as torch tensors on `device`: float32 [N, 3, H, W] scaled to [0, 1]
-        and normalized by mean/std (or uint8 [N, H, W, 3] with normalize=False)."""
+        """(images, labels) as torch tensors on `device`: float32 [N, 3, H, W] normalized by
+        mean/std of [0, 1] pixels (or uint8 [N, H, W, 3] with normalize=False)."""
         for batch in self:
             yield to_torch(batch.images, batch.labels, device, normalize, mean, std)
+
+    @property
+    def resume_tokens(self) -> list[bytes]:
+        return [self.last_resume_token]
 
     def close(self) -> None:
         with self._lock:
@@ -221,6 +225,97 @@ class BatchStream:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+class ShardedStream:
+    """Batches of several servers, each streaming its own shard, interleaved round-robin within
+    each epoch (a batch of epoch e+1 waits until every server has finished epoch e)."""
+
+    def __init__(self, streams: list[BatchStream]) -> None:
+        self.streams = streams
+        first = streams[0].facts
+        self.facts = SessionFacts(
+            session_id=",".join(stream.facts.session_id for stream in streams),
+            samples_per_epoch=sum(stream.facts.samples_per_epoch for stream in streams),
+            batches_per_epoch=sum(stream.facts.batches_per_epoch for stream in streams),
+            classes=first.classes,
+            backend=first.backend,
+            output_size=first.output_size,
+            transport=first.transport,
+            prefetch=first.prefetch,
+            start_epoch=min(stream.facts.start_epoch for stream in streams),
+            start_position=first.start_position,
+            shared=all(stream.facts.shared for stream in streams),
+        )
+
+    def __iter__(self) -> Iterator[ReceivedBatch]:
+        iterators = [iter(stream) for stream in self.streams]
+        pending: list[ReceivedBatch | None] = [None] * len(iterators)
+        alive = [True] * len(iterators)
+        while True:
+            for index, iterator in enumerate(iterators):
+                if pending[index] is None and alive[index]:
+                    pending[index] = next(iterator, None)
+                    alive[index] = pending[index] is not None
+            live = [index for index in range(len(iterators)) if pending[index] is not None]
+            if not live:
+                return
+            epoch = min(pending[index].epoch for index in live)
+            for index in live:
+                if pending[index].epoch == epoch:
+                    batch, pending[index] = pending[index], None
+                    yield batch
+
+    torch = BatchStream.torch
+
+    @property
+    def resume_tokens(self) -> list[bytes]:
+        return [stream.last_resume_token for stream in self.streams]
+
+    def close(self) -> None:
+        for stream in self.streams:
+            stream.close()
+
+    def __enter__(self) -> ShardedStream:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def open_stream(
+    clients: Sequence[Client],
+    dataset: str,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    resume_tokens: Sequence[bytes] = (),
+    **options: Any,
+) -> BatchStream | ShardedStream:
+    """A stream over one or several servers for data-parallel rank `rank` of `world_size`:
+    server i of n serves shard rank * n + i of world_size * n, so ranks and servers together
+    read disjoint shards that cover the split. `options` are `Client.stream`'s."""
+    count = len(clients)
+    tokens = list(resume_tokens) or [b""] * count
+    if len(tokens) != count:
+        raise ValueError(f"resume_tokens: {len(tokens)} tokens for {count} servers")
+    streams: list[BatchStream] = []
+    try:
+        for index, client in enumerate(clients):
+            streams.append(
+                client.stream(
+                    dataset,
+                    shard_index=rank * count + index,
+                    shard_count=world_size * count,
+                    resume_token=tokens[index],
+                    **options,
+                )
+            )
+    except BaseException:
+        for stream in streams:
+            stream.close()
+        raise
+    return streams[0] if count == 1 else ShardedStream(streams)
 
 
 def to_torch(images: np.ndarray, labels: np.ndarray, device: Any, normalize: bool, mean: Sequence[float], std: Sequence[float]):

@@ -12,9 +12,11 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.random.bit_generator import ISeedSequence
 
 from augserve.errors import SpecError
 from augserve.ops import Canvas, EraseStep
+from augserve.ops.canvas import IDENTITY_COLOR, Affine, ColorAffine, invert
 from augserve.spec import AugmentSpec
 
 MAX_SEED = 2**64 - 1
@@ -26,10 +28,33 @@ WINDOW_MARGIN = 2
 # pixels, where backends round differently (OpenCV in fixed point, DALI in float). Moving
 # every coordinate by 1/64 pixel decides those ties the same way everywhere (upwards).
 NEAREST_TIE_BREAK = 1.0 / 64.0
+# A warp or colour map this close to the identity counts as the identity (np.allclose's default
+# tolerances, which plans have always used: |value - identity| <= ABSOLUTE + RELATIVE *
+# |identity|). A colour map that close moves no value in [0, 255] by 0.01, so it is skipped.
+IDENTITY_RELATIVE_TOLERANCE = 1e-5
+IDENTITY_ABSOLUTE_TOLERANCE = 1e-8
+
+
+class _PhiloxKey(ISeedSequence):
+    """Gives Philox a ready 128-bit key: Philox takes a seed sequence's first two 64-bit words as
+    its key (counter 0), so `Philox(_PhiloxKey(key))` is the generator `Philox(key=key)` is.
+    It is also faster: `Philox(key=key)` first draws OS entropy for a seed sequence that the key
+    then replaces (about 4 us per sample, a fifth of `make_plan`)."""
+
+    def __init__(self, key: np.ndarray) -> None:
+        self.key = key
+
+    def generate_state(self, n_words: int, dtype: type = np.uint32) -> np.ndarray:
+        # Any other request would mean numpy changed how Philox seeds itself: fail loudly
+        # rather than change every sample's numbers.
+        if n_words != 2 or dtype != np.uint64:
+            raise ValueError("_PhiloxKey only serves Philox's 2-word uint64 key")
+        return self.key
 
 
 def uniforms(seed: int, epoch: int, sample_id: int, count: int) -> np.ndarray:
-    """`count` float64 numbers in [0, 1) for this (seed, epoch, sample_id)."""
+    """`count` float64 numbers in [0, 1) for this (seed, epoch, sample_id): the stream of
+    `Generator(Philox(key=[seed, epoch << 40 | sample_id])).random(count)`."""
     if not 0 <= seed <= MAX_SEED:
         raise SpecError("seed", f"{seed} is outside [0, 2**64 - 1]")
     if not 0 <= epoch <= MAX_EPOCH:
@@ -37,27 +62,43 @@ def uniforms(seed: int, epoch: int, sample_id: int, count: int) -> np.ndarray:
     if not 0 <= sample_id <= MAX_SAMPLE_ID:
         raise SpecError("sample_id", f"{sample_id} is outside [0, 2**40 - 1]")
     key = np.array([seed, (epoch << 40) | sample_id], dtype=np.uint64)
-    return np.random.Generator(np.random.Philox(key=key)).random(count)
+    return np.random.Generator(np.random.Philox(_PhiloxKey(key))).random(count)
 
 
-def orientation_matrix(orientation: int, stored_size: tuple[int, int]) -> np.ndarray:
-    """3x3 map from stored pixel coordinates to upright ones for an EXIF orientation (1..8)."""
+def orientation_affine(orientation: int, stored_size: tuple[int, int]) -> Affine:
+    """Map from stored pixel coordinates to upright ones for an EXIF orientation (1..8)."""
     height, width = stored_size
     right, bottom = width - 1.0, height - 1.0
-    # (x', y') as rows of [coefficient of x, coefficient of y, constant]
-    table = {
-        1: ((1, 0, 0), (0, 1, 0)),
-        2: ((-1, 0, right), (0, 1, 0)),  # mirrored left-right
-        3: ((-1, 0, right), (0, -1, bottom)),  # rotated 180
-        4: ((1, 0, 0), (0, -1, bottom)),  # mirrored top-bottom
-        5: ((0, 1, 0), (1, 0, 0)),  # transposed
-        6: ((0, -1, bottom), (1, 0, 0)),  # needs 90 degrees clockwise
-        7: ((0, -1, bottom), (-1, 0, right)),  # transversed
-        8: ((0, 1, 0), (-1, 0, right)),  # needs 90 degrees counter-clockwise
-    }
-    matrix = np.eye(3)
-    matrix[:2] = np.array(table[orientation], dtype=np.float64)
-    return matrix
+    # (x', y') as rows of (coefficient of x, coefficient of y, constant)
+    if orientation == 1:
+        return ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0))
+    if orientation == 2:  # mirrored left-right
+        return ((-1.0, 0.0, right), (0.0, 1.0, 0.0))
+    if orientation == 3:  # rotated 180
+        return ((-1.0, 0.0, right), (0.0, -1.0, bottom))
+    if orientation == 4:  # mirrored top-bottom
+        return ((1.0, 0.0, 0.0), (0.0, -1.0, bottom))
+    if orientation == 5:  # transposed
+        return ((0.0, 1.0, 0.0), (1.0, 0.0, 0.0))
+    if orientation == 6:  # needs 90 degrees clockwise
+        return ((0.0, -1.0, bottom), (1.0, 0.0, 0.0))
+    if orientation == 7:  # transversed
+        return ((0.0, -1.0, bottom), (-1.0, 0.0, right))
+    if orientation == 8:  # needs 90 degrees counter-clockwise
+        return ((0.0, 1.0, 0.0), (-1.0, 0.0, right))
+    raise ValueError(f"EXIF orientation {orientation} is outside 1..8")
+
+
+def _is_near_identity(rows: tuple[tuple[float, ...], ...]) -> bool:
+    """Whether the matrix with these rows is within the identity tolerances of the identity (the
+    leading square part is compared with the identity, any further columns with zero)."""
+    for row_index, row in enumerate(rows):
+        for column_index, value in enumerate(row):
+            identity = 1.0 if row_index == column_index else 0.0
+            tolerance = IDENTITY_ABSOLUTE_TOLERANCE + IDENTITY_RELATIVE_TOLERANCE * identity
+            if not abs(value - identity) <= tolerance:
+                return False
+    return True
 
 
 @dataclass(frozen=True, eq=False)
@@ -65,10 +106,11 @@ class SamplePlan:
     """Everything a backend needs to augment one sample, as plain numbers.
 
     Sizes are (height, width) in pixels; `source_size` is the image as stored, before its EXIF
-    orientation, which the warp includes. `warp` maps output pixel coordinates to stored pixel
-    coordinates (pixel centres at integers; OpenCV's WARP_INVERSE_MAP convention).
-    `source_window` (x, y, width, height) is the part of the source the warp reads, clipped to
-    the image. `color` is a 3x4 affine map on RGB in [0, 255], or None for identity.
+    orientation, which the warp includes. `warp`, a [2, 3] float64 array, maps output pixel
+    coordinates to stored pixel coordinates (pixel centres at integers; OpenCV's
+    WARP_INVERSE_MAP convention). `source_window` (x, y, width, height) is the part of the
+    source the warp reads, clipped to the image. `color` is a [3, 4] float32 affine map on RGB
+    in [0, 255] (output channel i = color[i, :3] @ rgb + color[i, 3]), or None for identity.
     """
 
     sample_id: int
@@ -90,21 +132,31 @@ class SamplePlan:
         return bool(np.array_equal(linear, np.eye(2)) and np.all(offsets == np.round(offsets)))
 
 
-def _source_window(inverse: np.ndarray, source_size: tuple[int, int], output_size: tuple[int, int]) -> tuple[int, int, int, int]:
+def _source_window(
+    warp: Affine, source_size: tuple[int, int], output_size: tuple[int, int]
+) -> tuple[int, int, int, int]:
     source_h, source_w = source_size
     out_h, out_w = output_size
-    corners = np.array(
-        [[-0.5, -0.5, 1.0], [out_w - 0.5, -0.5, 1.0], [-0.5, out_h - 0.5, 1.0], [out_w - 0.5, out_h - 0.5, 1.0]]
-    )
-    mapped = corners @ inverse.T
-    x0 = max(0, math.floor(mapped[:, 0].min()) - WINDOW_MARGIN)
-    y0 = max(0, math.floor(mapped[:, 1].min()) - WINDOW_MARGIN)
-    x1 = min(source_w, math.ceil(mapped[:, 0].max()) + WINDOW_MARGIN + 1)
-    y1 = min(source_h, math.ceil(mapped[:, 1].max()) + WINDOW_MARGIN + 1)
+    (a, b, c), (d, e, f) = warp
+    # The outer edges of the output's corner pixels, mapped into the source.
+    corners = ((-0.5, -0.5), (out_w - 0.5, -0.5), (-0.5, out_h - 0.5), (out_w - 0.5, out_h - 0.5))
+    mapped_x = [a * x + b * y + c for x, y in corners]
+    mapped_y = [d * x + e * y + f for x, y in corners]
+    x0 = max(0, math.floor(min(mapped_x)) - WINDOW_MARGIN)
+    y0 = max(0, math.floor(min(mapped_y)) - WINDOW_MARGIN)
+    x1 = min(source_w, math.ceil(max(mapped_x)) + WINDOW_MARGIN + 1)
+    y1 = min(source_h, math.ceil(max(mapped_y)) + WINDOW_MARGIN + 1)
     if x1 <= x0 or y1 <= y0:
         # The output sees only fill; decode a single pixel to keep backends uniform.
         return (0, 0, 1, 1)
     return (x0, y0, x1 - x0, y1 - y0)
+
+
+def _color_array(color: ColorAffine) -> np.ndarray | None:
+    """The [3, 4] float32 colour matrix of a plan, or None when `color` is (near) the identity."""
+    if color == IDENTITY_COLOR or _is_near_identity(color):
+        return None
+    return np.array(color, dtype=np.float32)
 
 
 def make_plan(
@@ -117,26 +169,31 @@ def make_plan(
 ) -> SamplePlan:
     """Draw the plan of one sample stored as `source_size` (height, width) pixels with EXIF
     `orientation`; ops see the upright image."""
-    numbers = uniforms(seed, epoch, sample_id, spec.uniform_count)
+    # Ops get Python floats (the same values): arithmetic on numpy scalars would make every
+    # op several times slower, and plans are drawn one sample at a time.
+    numbers = uniforms(seed, epoch, sample_id, spec.uniform_count).tolist()
     upright = source_size if orientation <= 4 else (source_size[1], source_size[0])
-    canvas = Canvas(height=upright[0], width=upright[1], forward=orientation_matrix(orientation, source_size))
+    canvas = Canvas(
+        height=upright[0], width=upright[1], forward=orientation_affine(orientation, source_size)
+    )
     offset = 0
     for op in spec.ops:
         definition = op.definition
         definition.plan(op.values, numbers[offset : offset + definition.uniforms], canvas)
         offset += definition.uniforms
-    inverse = np.linalg.inv(canvas.forward)[:2]
-    if canvas.interpolation == "nearest" and not np.allclose(inverse[:, :2], np.eye(2)):
-        inverse[:, 2] += NEAREST_TIE_BREAK
+    (a, b, c), (d, e, f) = invert(canvas.forward)
+    if canvas.interpolation == "nearest" and not _is_near_identity(((a, b), (d, e))):
+        c += NEAREST_TIE_BREAK
+        f += NEAREST_TIE_BREAK
+    warp = ((a, b, c), (d, e, f))
     output_size = (canvas.height, canvas.width)
-    color = None if np.allclose(canvas.color, np.eye(4)) else canvas.color[:3].astype(np.float32)
     return SamplePlan(
         sample_id=sample_id,
         source_size=source_size,
         output_size=output_size,
-        warp=inverse,
-        source_window=_source_window(inverse, source_size, output_size),
-        color=color,
+        warp=np.array(warp, dtype=np.float64),
+        source_window=_source_window(warp, source_size, output_size),
+        color=_color_array(canvas.color),
         erase_steps=tuple(canvas.erase_steps),
         interpolation=canvas.interpolation,
         fill_mode=spec.fill_mode,

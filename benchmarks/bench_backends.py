@@ -9,16 +9,18 @@ brightness/contrast/saturation ±0.2. Inputs: scikit-image sample photos resized
 
 Modes, each at 1 thread and at `os.cpu_count()` threads:
 - decode excluded: augment already-decoded [H, W, 3] uint8 RGB arrays. augserve's OpenCV
-  backend decodes inside `augment_into`, so this mode runs `apply_plan` below, a marked local
-  mirror of that function after its decode step. DALI's pipeline starts at the decoder: n/a.
+  backend's `apply_plan` (its `augment_into` after `decode_stored`) runs on them. DALI's
+  pipeline starts at the decoder: n/a.
 - decode included: from JPEG bytes. augserve runs through `augment_batch`, so the header check
   (`inspect_image`) and plan drawing count; albumentations runs `cv2.imdecode` + `cvtColor`.
 
 augserve's plan drawing (`make_plan`) counts in both modes, as albumentations' parameter
 drawing does. Each cell's `--seconds` is split into rounds taken in turn with the other
-contenders of its column, and the median round is reported (the machine may be shared). OpenCV's own thread pool is set to one thread for the whole run
-(`cv2.setNumThreads(1)`): every contender then gets its parallelism only from running images
-on `threads` worker threads, and a "1 thread" cell really uses one core for the pixel work.
+contenders of its column, and the median round is reported (the machine may be shared).
+
+OpenCV's own thread pool is set to one thread for the whole run (`cv2.setNumThreads(1)`):
+every contender then gets its parallelism only from running images on `threads` worker
+threads, and a "1 thread" cell really uses one core for the pixel work.
 """
 
 from __future__ import annotations
@@ -30,24 +32,24 @@ import platform
 import sys
 import threading
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, version
-from typing import Callable, Sequence
 
 # albumentations checks PyPI for a newer release on import; a benchmark must not touch the network.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-import albumentations as A  # noqa: E402
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
-import skimage.data  # noqa: E402
+import albumentations as A
+import cv2
+import numpy as np
+import skimage.data
 
-from augserve.backends.dali import DaliBackend, dali_available  # noqa: E402
-from augserve.backends.opencv import BORDER_MODES, INTERPOLATION_FLAGS, OpenCVBackend  # noqa: E402
-from augserve.plan import SamplePlan, make_plan  # noqa: E402
-from augserve.produce import SourceImage, augment_batch  # noqa: E402
-from augserve.spec import AugmentSpec  # noqa: E402
+from augserve.backends.dali import DaliBackend, dali_available
+from augserve.backends.opencv import OpenCVBackend, apply_plan, decode_stored
+from augserve.plan import make_plan
+from augserve.produce import SourceImage, augment_batch
+from augserve.spec import AugmentSpec
 
 SPEC = {
     "ops": [
@@ -90,7 +92,7 @@ ROWS = (
     (ALBUMENTATIONS, DECODE_INCLUDED),
 )
 ROW_NOTES = {
-    (OPENCV, DECODE_EXCLUDED): "apply_plan mirror, plans drawn",
+    (OPENCV, DECODE_EXCLUDED): "apply_plan, plans drawn",
     (OPENCV, DECODE_INCLUDED): "augment_batch",
     (DALI_CPU, DECODE_EXCLUDED): "n/a: pipeline decodes",
     (DALI_CPU, DECODE_INCLUDED): "augment_batch",
@@ -126,8 +128,8 @@ class BenchConfig:
 
 @dataclass(frozen=True)
 class ImageSet:
-    """One input set, as a batch: `encoded[i]` is JPEG bytes, `decoded[i]` what those bytes
-    decode to ([H, W, 3] uint8 RGB, so both modes see the same pixels)."""
+    """One input set, as a batch: `encoded[i]` is JPEG bytes, `decoded[i]` what augserve's
+    `decode_stored` makes of them ([H, W, 3] uint8 RGB), so both modes see the same pixels."""
 
     name: str
     encoded: tuple[bytes, ...]
@@ -161,21 +163,21 @@ def make_image_sets(batch_size: int) -> list[ImageSet]:
         encoded_photos = []
         for photo in photos:
             resized = cv2.resize(photo, (width, height), interpolation=cv2.INTER_AREA)
-            ok, buffer = cv2.imencode(
-                ".jpg", cv2.cvtColor(resized, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY]
-            )
+            bgr = cv2.cvtColor(resized, cv2.COLOR_RGB2BGR)
+            ok, buffer = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
             if not ok:
                 raise RuntimeError(f"could not encode a {set_name} JPEG")
             encoded_photos.append(buffer.tobytes())
-        decoded_photos = [decode_rgb(data) for data in encoded_photos]
+        decoded_photos = [decode_stored(data) for data in encoded_photos]
         picks = [index % len(photos) for index in range(batch_size)]
+        names = [f"{SAMPLE_PHOTOS[pick]}_{set_name}.jpg" for pick in picks]
         image_sets.append(
             ImageSet(
                 name=set_name,
                 encoded=tuple(encoded_photos[pick] for pick in picks),
                 decoded=tuple(decoded_photos[pick] for pick in picks),
                 sources=tuple(
-                    SourceImage(sample_id, 0, f"{SAMPLE_PHOTOS[pick]}_{set_name}.jpg", encoded_photos[pick])
+                    SourceImage(sample_id, 0, names[sample_id], encoded_photos[pick])
                     for sample_id, pick in enumerate(picks)
                 ),
             )
@@ -183,58 +185,7 @@ def make_image_sets(batch_size: int) -> list[ImageSet]:
     return image_sets
 
 
-def decode_rgb(data: bytes) -> np.ndarray:
-    """JPEG bytes -> [H, W, 3] uint8 RGB, as augserve's OpenCV backend decodes."""
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR_RGB)
-    if image is None:
-        raise RuntimeError("a benchmark JPEG did not decode")
-    return image
-
-
 # --- contenders ------------------------------------------------------------------------------
-
-
-def apply_plan(image: np.ndarray, plan: SamplePlan, out: np.ndarray) -> None:
-    """MIRROR of `augserve.backends.opencv.augment_into` after its decode step; keep in sync.
-
-    Writes the augmented sample into `out` ([H_out, W_out, 3] uint8 RGB) from a decoded
-    `image` ([H, W, 3] uint8 RGB of `plan.source_size`). Exists because augserve has no
-    decode-free entry point; `check_mirror` fails the run if the two ever disagree.
-    """
-    out_h, out_w = plan.output_size
-    cv2.warpAffine(
-        image,
-        plan.warp,
-        (out_w, out_h),
-        dst=out,
-        flags=INTERPOLATION_FLAGS[plan.interpolation] | cv2.WARP_INVERSE_MAP,
-        borderMode=BORDER_MODES[plan.fill_mode],
-        borderValue=(plan.fill_value,) * 3,
-    )
-    if plan.color is not None:
-        cv2.transform(out, plan.color, dst=out)
-    for step in plan.erase_steps:
-        for top, left, height, width in step.rectangles:
-            out[top : top + height, left : left + width] = step.value
-
-
-def check_mirror(spec: AugmentSpec, image_set: ImageSet) -> None:
-    """Raise unless `apply_plan` gives the OpenCV backend's pixels exactly."""
-    count = min(4, len(image_set.sources))
-    plans = [
-        make_plan(spec, SEED, 0, source.sample_id, image.shape[:2])
-        for source, image in zip(image_set.sources[:count], image_set.decoded[:count])
-    ]
-    backend = OpenCVBackend(1)
-    try:
-        expected = backend.augment(list(image_set.encoded[:count]), plans).images
-    finally:
-        backend.close()
-    mirrored = np.empty_like(expected)
-    for index, plan in enumerate(plans):
-        apply_plan(image_set.decoded[index], plan, mirrored[index])
-    if not np.array_equal(expected, mirrored):
-        raise RuntimeError("apply_plan no longer matches augserve.backends.opencv.augment_into")
 
 
 def build_albumentations() -> A.Compose:
@@ -284,23 +235,31 @@ class AlbumentationsPool:
         self._pool.shutdown(wait=True)
 
 
-def mirror_runner(pool: ThreadPoolExecutor, spec: AugmentSpec, image_set: ImageSet) -> BatchRunner:
+def apply_plan_runner(
+    pool: ThreadPoolExecutor, spec: AugmentSpec, image_set: ImageSet
+) -> BatchRunner:
     """Decode excluded for augserve OpenCV: plans drawn in the caller, then `apply_plan` on the
     pool, the same split as `augment_batch` + `OpenCVBackend.augment`."""
 
     def run(batch_index: int) -> int:
         plans = [
             make_plan(spec, SEED, batch_index, source.sample_id, image.shape[:2])
-            for source, image in zip(image_set.sources, image_set.decoded)
+            for source, image in zip(image_set.sources, image_set.decoded, strict=True)
         ]
         out = np.empty((len(plans), OUTPUT_SIZE, OUTPUT_SIZE, 3), np.uint8)
-        list(pool.map(lambda i: apply_plan(image_set.decoded[i], plans[i], out[i]), range(len(plans))))
+
+        def run_one(index: int) -> None:
+            apply_plan(image_set.decoded[index], plans[index], out[index])
+
+        list(pool.map(run_one, range(len(plans))))
         return len(out)
 
     return run
 
 
-def augserve_runner(backend: OpenCVBackend | DaliBackend, spec: AugmentSpec, image_set: ImageSet) -> BatchRunner:
+def augserve_runner(
+    backend: OpenCVBackend | DaliBackend, spec: AugmentSpec, image_set: ImageSet
+) -> BatchRunner:
     """Decode included for an augserve backend; the batch index is the epoch, so every batch
     draws new plans."""
 
@@ -310,7 +269,11 @@ def augserve_runner(backend: OpenCVBackend | DaliBackend, spec: AugmentSpec, ima
     return run
 
 
-def albumentations_runner(pool: AlbumentationsPool, image_set: ImageSet, decode: bool) -> BatchRunner:
+def albumentations_runner(
+    pool: AlbumentationsPool, image_set: ImageSet, decode: bool
+) -> BatchRunner:
+    """Either mode for albumentations; the batch index is unused (the Composes draw their own
+    parameters on every call)."""
     images = image_set.encoded if decode else image_set.decoded
 
     def run(batch_index: int) -> int:
@@ -352,7 +315,7 @@ def measure_group(
             images, elapsed, next_batch[key] = measure(runner, seconds / ROUNDS, next_batch[key])
             rounds[key].append((images, elapsed))
     cells = []
-    for (backend_name, mode) in runners:
+    for backend_name, mode in runners:
         if (backend_name, mode) not in live:
             cells.append(Cell(backend_name, mode, input_set, threads, None))
             continue
@@ -368,9 +331,10 @@ def measure_group(
             sum(elapsed for _, elapsed in measured),
             rates,
         )
+        round_text = ", ".join(f"{rate:.0f}" for rate in rates)
         print(
             f"  {input_set} {threads} thread(s) {backend_name:18} {mode:16} "
-            f"{cell.images_per_second:8.0f} images/s (rounds: {', '.join(f'{r:.0f}' for r in rates)})",
+            f"{cell.images_per_second:8.0f} images/s (rounds: {round_text})",
             file=sys.stderr,
             flush=True,
         )
@@ -382,29 +346,36 @@ def run_benchmark(config: BenchConfig) -> list[Cell]:
     """Every cell, grouped by input set and thread count (see `measure_group`)."""
     spec = AugmentSpec.from_dict(SPEC)
     image_sets = make_image_sets(config.batch_size)
-    check_mirror(spec, image_sets[0])
     has_dali = dali_available()
     cells: list[Cell] = []
     for image_set in image_sets:
         for threads in config.thread_counts:
-            mirror_pool = ThreadPoolExecutor(threads, thread_name_prefix="bench-mirror")
+            apply_plan_pool = ThreadPoolExecutor(threads, thread_name_prefix="bench-apply-plan")
             albumentations_pool = AlbumentationsPool(threads)
             opencv_backend = OpenCVBackend(threads)
-            dali_backend = DaliBackend(None, threads=threads, max_batch_size=config.batch_size) if has_dali else None
+            dali_backend = (
+                DaliBackend(None, threads=threads, max_batch_size=config.batch_size)
+                if has_dali
+                else None
+            )
             runners: dict[tuple[str, str], BatchRunner | None] = {
-                (OPENCV, DECODE_EXCLUDED): mirror_runner(mirror_pool, spec, image_set),
+                (OPENCV, DECODE_EXCLUDED): apply_plan_runner(apply_plan_pool, spec, image_set),
                 (OPENCV, DECODE_INCLUDED): augserve_runner(opencv_backend, spec, image_set),
                 (DALI_CPU, DECODE_EXCLUDED): None,
                 (DALI_CPU, DECODE_INCLUDED): (
                     augserve_runner(dali_backend, spec, image_set) if dali_backend else None
                 ),
-                (ALBUMENTATIONS, DECODE_EXCLUDED): albumentations_runner(albumentations_pool, image_set, False),
-                (ALBUMENTATIONS, DECODE_INCLUDED): albumentations_runner(albumentations_pool, image_set, True),
+                (ALBUMENTATIONS, DECODE_EXCLUDED): (
+                    albumentations_runner(albumentations_pool, image_set, decode=False)
+                ),
+                (ALBUMENTATIONS, DECODE_INCLUDED): (
+                    albumentations_runner(albumentations_pool, image_set, decode=True)
+                ),
             }
             try:
                 cells.extend(measure_group(runners, image_set.name, threads, config.seconds))
             finally:
-                mirror_pool.shutdown(wait=True)
+                apply_plan_pool.shutdown(wait=True)
                 albumentations_pool.close()
                 opencv_backend.close()
                 if dali_backend is not None:
@@ -413,7 +384,7 @@ def run_benchmark(config: BenchConfig) -> list[Cell]:
 
 
 def plan_draws_per_second(seconds: float) -> float:
-    """`make_plan` alone for a 500×375 image: the part of every augserve cell that is Python."""
+    """`make_plan` alone for a 500×375 image: per-sample Python work in every augserve cell."""
     spec = AugmentSpec.from_dict(SPEC)
     count = 0
     start = time.perf_counter()
@@ -446,7 +417,8 @@ def machine_info() -> dict[str, object]:
 
 def library_versions() -> dict[str, str]:
     versions = {}
-    for package in ("augserve", "numpy", "opencv-python-headless", "albumentations", "scikit-image"):
+    packages = ("augserve", "numpy", "opencv-python-headless", "albumentations", "scikit-image")
+    for package in packages:
         try:
             versions[package] = version(package)
         except PackageNotFoundError:
@@ -466,9 +438,13 @@ def markdown_tables(cells: Sequence[Cell], thread_counts: Sequence[int]) -> str:
     as ratios to albumentations in the same mode."""
     lookup = {(c.backend, c.mode, c.input_set, c.threads): c.images_per_second for c in cells}
     columns = [(name, threads) for name in INPUT_SIZES for threads in thread_counts]
-    header = "| backend | mode | " + " | ".join(
-        f"{name}, {threads} thread{'s' if threads > 1 else ''}" for name, threads in columns
-    ) + " |"
+    header = (
+        "| backend | mode | "
+        + " | ".join(
+            f"{name}, {threads} thread{'s' if threads > 1 else ''}" for name, threads in columns
+        )
+        + " |"
+    )
     rule = "|---|---|" + "---:|" * len(columns)
 
     def rate_text(value: float | None) -> str:
@@ -484,7 +460,9 @@ def markdown_tables(cells: Sequence[Cell], thread_counts: Sequence[int]) -> str:
         values = [lookup.get((backend_name, mode, name, threads)) for name, threads in columns]
         baselines = [lookup.get((ALBUMENTATIONS, mode, name, threads)) for name, threads in columns]
         rates.append(label + " | ".join(rate_text(v) for v in values) + " |")
-        ratios.append(label + " | ".join(ratio_text(v, b) for v, b in zip(values, baselines)) + " |")
+        pairs = zip(values, baselines, strict=True)
+        ratio_cells = [ratio_text(value, baseline) for value, baseline in pairs]
+        ratios.append(label + " | ".join(ratio_cells) + " |")
     return (
         "Images per second (224×224 outputs):\n\n"
         + "\n".join(rates)
@@ -515,9 +493,13 @@ def target_summary(cells: Sequence[Cell]) -> tuple[float | None, str]:
 
 def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=float, default=3.0, help="timed seconds per cell (default 3)")
+    parser.add_argument(
+        "--seconds", type=float, default=3.0, help="timed seconds per cell (default 3)"
+    )
     parser.add_argument("--batch-size", type=int, default=32, help="images per batch (default 32)")
-    parser.add_argument("--json", dest="json_path", default=None, help="also write raw numbers to this file")
+    parser.add_argument(
+        "--json", dest="json_path", default=None, help="also write raw numbers to this file"
+    )
     args = parser.parse_args(argv)
     all_threads = os.cpu_count() or 1
     thread_counts = (1,) if all_threads == 1 else (1, all_threads)
@@ -530,23 +512,34 @@ def main(argv: Sequence[str] | None = None) -> None:
     machine = machine_info()
     versions = library_versions()
     timed_cells = len(INPUT_SIZES) * len(config.thread_counts) * (len(ROWS) - 1)
-    print(f"Measuring {timed_cells} cells of {config.seconds:g} s each (DALI decode-excluded is n/a)...",
-          file=sys.stderr, flush=True)
+    print(
+        f"Measuring {timed_cells} cells of {config.seconds:g} s each "
+        "(DALI decode-excluded is n/a)...",
+        file=sys.stderr,
+        flush=True,
+    )
     cells = run_benchmark(config)
     plans_per_second = plan_draws_per_second(min(config.seconds, 1.0))
     lowest_ratio, target_line = target_summary(cells)
 
-    print(f"Machine: {machine['cpu_count']} CPUs ({machine['cpu_model']}), {machine['platform']}, "
-          f"Python {machine['python']}")
+    print(
+        f"Machine: {machine['cpu_count']} CPUs ({machine['cpu_model']}), {machine['platform']}, "
+        f"Python {machine['python']}"
+    )
     print("Versions: " + ", ".join(f"{name} {value}" for name, value in versions.items()))
-    print(f"Batch size {config.batch_size}; {config.seconds:g} s per cell after one warm-up batch, "
-          f"as {ROUNDS} interleaved rounds, median reported; cv2.setNumThreads(1); "
-          f"threads = {', '.join(map(str, config.thread_counts))}.")
+    print(
+        f"Batch size {config.batch_size}; {config.seconds:g} s per cell after one warm-up batch, "
+        f"as {ROUNDS} interleaved rounds, median reported; cv2.setNumThreads(1); "
+        f"threads = {', '.join(map(str, config.thread_counts))}."
+    )
     print()
     print(markdown_tables(cells, config.thread_counts))
     print()
     print(target_line)
-    print(f"make_plan alone: {plans_per_second:,.0f} plans/s on one thread (counted in every augserve cell).")
+    print(
+        f"make_plan alone: {plans_per_second:,.0f} plans/s on one thread "
+        "(counted in every augserve cell)."
+    )
 
     if config.json_path:
         report = {

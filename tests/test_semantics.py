@@ -147,3 +147,12 @@ def test_exif_orientation_is_applied_like_pil(backend, synthetic_images, orienta
     out = run_images(backend, spec_of({"flip": {"horizontal": 0.0}}), [data]).images[0]
     assert out.shape == expected.shape
     assert np.abs(out.astype(int) - expected).max() <= 1
+
+
+@pytest.mark.parametrize("size", [(1, 1), (3, 7), (7, 3)])
+def test_random_resized_crop_on_tiny_images_with_extreme_ratios(backend, size):
+    image = np.full((*size, 3), 90, np.uint8)
+    for ratio in ([5.0, 20.0], [0.05, 0.2]):
+        spec = spec_of({"random_resized_crop": {"size": 8, "ratio": ratio}}, fill_mode="nearest")
+        out = run_one(backend, spec, image)
+        assert out.shape == (8, 8, 3) and (out == 90).all()

@@ -1,16 +1,57 @@
 """The state that op plan functions edit while one sample's plan is drawn.
 
 Coordinates are pixel coordinates with pixel centres at integers (OpenCV's convention): the
-top-left pixel covers [-0.5, 0.5) and its centre is (0, 0). Geometry accumulates in one 3x3
-matrix from source coordinates to canvas coordinates; colour accumulates in one 4x4 affine
-matrix on RGB values in [0, 255]. Erase rectangles are in output (final canvas) coordinates.
+top-left pixel covers [-0.5, 0.5) and its centre is (0, 0). Geometry accumulates in one affine
+map from source coordinates to canvas coordinates; colour accumulates in one affine map on RGB
+values in [0, 255]. Erase rectangles are in output (final canvas) coordinates.
+
+Both maps are tuples of plain Python floats, not numpy arrays: a plan is drawn per sample in a
+Python thread, and on 2x3 and 3x4 matrices numpy's per-call overhead cost several times the
+arithmetic itself. `make_plan` turns them into arrays once, at the end.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
+# A 2x2 linear map as rows: ((a, b), (d, e)) maps (x, y) to (a*x + b*y, d*x + e*y).
+Linear2 = tuple[tuple[float, float], tuple[float, float]]
+# A 2D affine map as the two rows of its 2x3 matrix (OpenCV's warp layout):
+# ((a, b, c), (d, e, f)) maps (x, y) to (a*x + b*y + c, d*x + e*y + f).
+Affine = tuple[tuple[float, float, float], tuple[float, float, float]]
+IDENTITY_AFFINE: Affine = ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0))
+
+# A 3x3 linear map on RGB as rows: output channel i is row[0]*R + row[1]*G + row[2]*B.
+ColorWeights = tuple[float, float, float]
+ColorLinear = tuple[ColorWeights, ColorWeights, ColorWeights]
+ColorOffset = tuple[float, float, float]
+# An affine colour map as the three rows of its 3x4 matrix: output channel i is
+# row[0]*R + row[1]*G + row[2]*B + row[3].
+ColorRow = tuple[float, float, float, float]
+ColorAffine = tuple[ColorRow, ColorRow, ColorRow]
+IDENTITY_COLOR: ColorAffine = ((1.0, 0.0, 0.0, 0.0), (0.0, 1.0, 0.0, 0.0), (0.0, 0.0, 1.0, 0.0))
+
+
+def compose(after: Affine, before: Affine) -> Affine:
+    """The affine map that applies `before`, then `after` (the product after @ before)."""
+    (a, b, c), (d, e, f) = after
+    (p, q, r), (s, t, u) = before
+    return (
+        (a * p + b * s, a * q + b * t, a * r + b * u + c),
+        (d * p + e * s, d * q + e * t, d * r + e * u + f),
+    )
+
+
+def invert(affine: Affine) -> Affine:
+    """The inverse map; ZeroDivisionError when the linear part is singular."""
+    (a, b, c), (d, e, f) = affine
+    determinant = a * e - b * d
+    inverse_a, inverse_b = e / determinant, -b / determinant
+    inverse_d, inverse_e = -d / determinant, a / determinant
+    return (
+        (inverse_a, inverse_b, -(inverse_a * c + inverse_b * f)),
+        (inverse_d, inverse_e, -(inverse_d * c + inverse_e * f)),
+    )
 
 
 @dataclass(frozen=True)
@@ -23,12 +64,16 @@ class EraseStep:
 
 @dataclass
 class Canvas:
-    """The canvas a sample is being drawn on: its size and the transforms so far."""
+    """The canvas a sample is being drawn on: its size and the transforms so far.
+
+    `forward` maps source coordinates to canvas coordinates; `color` maps source RGB to canvas
+    RGB (see `Affine` and `ColorAffine`).
+    """
 
     height: int
     width: int
-    forward: np.ndarray = field(default_factory=lambda: np.eye(3))
-    color: np.ndarray = field(default_factory=lambda: np.eye(4))
+    forward: Affine = IDENTITY_AFFINE
+    color: ColorAffine = IDENTITY_COLOR
     erase_steps: list[EraseStep] = field(default_factory=list)
     interpolation: str = "linear"
 
@@ -37,19 +82,18 @@ class Canvas:
         """(x, y) of the canvas centre."""
         return ((self.width - 1) / 2.0, (self.height - 1) / 2.0)
 
-    def transform(self, matrix: np.ndarray, size: tuple[int, int] | None = None) -> None:
-        """Compose a 3x3 map from current canvas coordinates to new ones; `size` is (h, w)."""
-        self.forward = matrix @ self.forward
+    def transform(self, matrix: Affine, size: tuple[int, int] | None = None) -> None:
+        """Compose a map from current canvas coordinates to new ones; `size` is (h, w)."""
+        self.forward = compose(matrix, self.forward)
         if size is not None:
             self.height, self.width = size
 
-    def about_center(self, linear: np.ndarray) -> None:
+    def about_center(self, linear: Linear2) -> None:
         """Apply a 2x2 linear map about the canvas centre, keeping the canvas size."""
         cx, cy = self.center
-        matrix = np.eye(3)
-        matrix[:2, :2] = linear
-        matrix[:2, 2] = np.array([cx, cy]) - linear @ np.array([cx, cy])
-        self.transform(matrix)
+        (a, b), (d, e) = linear
+        # The centre maps to itself: offset = centre - linear @ centre.
+        self.transform(((a, b, cx - (a * cx + b * cy)), (d, e, cy - (d * cx + e * cy))))
 
     def crop_and_scale(
         self, top: float, left: float, height: float, width: float, size: tuple[int, int]
@@ -61,15 +105,24 @@ class Canvas:
         """
         out_h, out_w = size
         scale_x, scale_y = out_w / width, out_h / height
-        matrix = np.array(
-            [
-                [scale_x, 0.0, (0.5 - left) * scale_x - 0.5],
-                [0.0, scale_y, (0.5 - top) * scale_y - 0.5],
-                [0.0, 0.0, 1.0],
-            ]
+        matrix = (
+            (scale_x, 0.0, (0.5 - left) * scale_x - 0.5),
+            (0.0, scale_y, (0.5 - top) * scale_y - 0.5),
         )
         self.transform(matrix, size)
 
-    def recolor(self, matrix: np.ndarray) -> None:
-        """Compose a 4x4 affine colour map (RGB in [0, 255], homogeneous)."""
-        self.color = matrix @ self.color
+    def recolor(self, linear: ColorLinear, offset: ColorOffset = (0.0, 0.0, 0.0)) -> None:
+        """Compose the colour map RGB -> linear @ RGB + offset (RGB in [0, 255])."""
+        # Rows of the map so far: each of the current R, G, B in terms of the source RGB.
+        red, green, blue = self.color
+        rows = []
+        for (red_weight, green_weight, blue_weight), shift in zip(linear, offset, strict=True):
+            rows.append(
+                (
+                    red_weight * red[0] + green_weight * green[0] + blue_weight * blue[0],
+                    red_weight * red[1] + green_weight * green[1] + blue_weight * blue[1],
+                    red_weight * red[2] + green_weight * green[2] + blue_weight * blue[2],
+                    red_weight * red[3] + green_weight * green[3] + blue_weight * blue[3] + shift,
+                )
+            )
+        self.color = (rows[0], rows[1], rows[2])

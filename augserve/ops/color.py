@@ -1,31 +1,30 @@
 """Colour ops. Each is a linear (affine) map of RGB values in [0, 255]; they compose into the
 sample's one colour matrix, applied once after the warp. Values are clamped to [0, 255] only at
-the end, not between ops (the price of one pass)."""
+the end, not between ops (the price of one pass). Matrices are tuples of rows of floats (see
+`augserve.ops.canvas`)."""
 
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from augserve.ops.canvas import Canvas
+from augserve.ops.canvas import Canvas, ColorLinear
 from augserve.ops.registry import RangeParam, probability, register_op
 from augserve.ops.sampling import lerp
 
 # ITU-R BT.601 luma weights, as torchvision and PIL use for grayscale.
-LUMA = np.array([0.299, 0.587, 0.114])
+LUMA = (0.299, 0.587, 0.114)
 MID_GRAY = 127.5
 # RGB -> YIQ; hue rotation is a rotation of the I/Q plane.
 RGB_TO_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
 YIQ_TO_RGB = np.linalg.inv(RGB_TO_YIQ)
 
 
-def _affine(linear: np.ndarray, offset: np.ndarray | float = 0.0) -> np.ndarray:
-    matrix = np.eye(4)
-    matrix[:3, :3] = linear
-    matrix[:3, 3] = offset
-    return matrix
+def _scaling(factor: float) -> ColorLinear:
+    """factor times the 3x3 identity."""
+    return ((factor, 0.0, 0.0), (0.0, factor, 0.0), (0.0, 0.0, factor))
 
 
 def _factor(name: str, doc: str) -> RangeParam:
@@ -38,9 +37,9 @@ def _factor(name: str, doc: str) -> RangeParam:
     uniforms=1,
     params=(_factor("factor", "Multiplier of every channel, drawn uniformly (1 keeps)."),),
 )
-def brightness(params: Mapping[str, Any], u: np.ndarray, canvas: Canvas) -> None:
+def brightness(params: Mapping[str, Any], u: Sequence[float], canvas: Canvas) -> None:
     """Scale all channels (as torchvision and Keras brightness_range)."""
-    canvas.recolor(_affine(np.eye(3) * lerp(params["factor"], u[0])))
+    canvas.recolor(_scaling(lerp(params["factor"], u[0])))
 
 
 @register_op(
@@ -49,11 +48,12 @@ def brightness(params: Mapping[str, Any], u: np.ndarray, canvas: Canvas) -> None
     uniforms=1,
     params=(_factor("factor", "Contrast multiplier about mid-gray, drawn uniformly (1 keeps)."),),
 )
-def contrast(params: Mapping[str, Any], u: np.ndarray, canvas: Canvas) -> None:
+def contrast(params: Mapping[str, Any], u: Sequence[float], canvas: Canvas) -> None:
     """Scale distances from mid-gray 127.5. (torchvision pivots on each image's mean gray, which
     depends on pixels; a fixed pivot keeps the op a pure function of the plan.)"""
     factor = lerp(params["factor"], u[0])
-    canvas.recolor(_affine(np.eye(3) * factor, (1.0 - factor) * MID_GRAY))
+    offset = (1.0 - factor) * MID_GRAY
+    canvas.recolor(_scaling(factor), (offset, offset, offset))
 
 
 @register_op(
@@ -62,11 +62,19 @@ def contrast(params: Mapping[str, Any], u: np.ndarray, canvas: Canvas) -> None:
     uniforms=1,
     params=(_factor("factor", "Saturation multiplier, drawn uniformly (0 is gray, 1 keeps)."),),
 )
-def saturation(params: Mapping[str, Any], u: np.ndarray, canvas: Canvas) -> None:
+def saturation(params: Mapping[str, Any], u: Sequence[float], canvas: Canvas) -> None:
     """Blend each pixel with its own luma (as torchvision)."""
     factor = lerp(params["factor"], u[0])
-    gray = np.outer(np.ones(3), LUMA)
-    canvas.recolor(_affine(factor * np.eye(3) + (1.0 - factor) * gray))
+    # Each channel becomes factor * itself + (1 - factor) * luma.
+    gray_share = 1.0 - factor
+    luma_r, luma_g, luma_b = gray_share * LUMA[0], gray_share * LUMA[1], gray_share * LUMA[2]
+    canvas.recolor(
+        (
+            (factor + luma_r, luma_g, luma_b),
+            (luma_r, factor + luma_g, luma_b),
+            (luma_r, luma_g, factor + luma_b),
+        )
+    )
 
 
 @register_op(
@@ -83,12 +91,13 @@ def saturation(params: Mapping[str, Any], u: np.ndarray, canvas: Canvas) -> None
         ),
     ),
 )
-def hue(params: Mapping[str, Any], u: np.ndarray, canvas: Canvas) -> None:
+def hue(params: Mapping[str, Any], u: Sequence[float], canvas: Canvas) -> None:
     """Rotate hue in the YIQ chroma plane, which keeps luma (a linear stand-in for HSV hue)."""
     angle = math.radians(lerp(params["degrees"], u[0]))
     cos, sin = math.cos(angle), math.sin(angle)
     rotation = np.array([[1.0, 0.0, 0.0], [0.0, cos, -sin], [0.0, sin, cos]])
-    canvas.recolor(_affine(YIQ_TO_RGB @ rotation @ RGB_TO_YIQ))
+    red, green, blue = (YIQ_TO_RGB @ rotation @ RGB_TO_YIQ).tolist()
+    canvas.recolor((tuple(red), tuple(green), tuple(blue)))
 
 
 @register_op(
@@ -97,7 +106,7 @@ def hue(params: Mapping[str, Any], u: np.ndarray, canvas: Canvas) -> None:
     uniforms=1,
     params=(probability("p", "Probability of turning the image gray.", 0.1),),
 )
-def grayscale(params: Mapping[str, Any], u: np.ndarray, canvas: Canvas) -> None:
+def grayscale(params: Mapping[str, Any], u: Sequence[float], canvas: Canvas) -> None:
     """Replace all three channels with luma, with probability p (output stays 3-channel)."""
     if u[0] < params["p"]:
-        canvas.recolor(_affine(np.outer(np.ones(3), LUMA)))
+        canvas.recolor((LUMA, LUMA, LUMA))

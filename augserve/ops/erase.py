@@ -3,9 +3,7 @@ after the warp and the colour matrix, so a spec must list them after every other
 
 from __future__ import annotations
 
-from typing import Any, Mapping
-
-import numpy as np
+from typing import Any, Mapping, Sequence
 
 from augserve.ops.canvas import Canvas, EraseStep
 from augserve.ops.registry import IntParam, RangeParam, SizeParam, probability, register_op
@@ -43,7 +41,7 @@ def _value() -> IntParam:
         _value(),
     ),
 )
-def random_erasing(params: Mapping[str, Any], u: np.ndarray, canvas: Canvas) -> None:
+def random_erasing(params: Mapping[str, Any], u: Sequence[float], canvas: Canvas) -> None:
     """Erase one rectangle of random area and aspect with probability p (Zhong et al., as
     torchvision RandomErasing with a constant value); nothing when 10 tries do not fit."""
     box = None
@@ -65,7 +63,7 @@ def random_erasing(params: Mapping[str, Any], u: np.ndarray, canvas: Canvas) -> 
         _value(),
     ),
 )
-def cutout(params: Mapping[str, Any], u: np.ndarray, canvas: Canvas) -> None:
+def cutout(params: Mapping[str, Any], u: Sequence[float], canvas: Canvas) -> None:
     """Erase `holes` rectangles of `size` centred uniformly on the image, clipped at its edges
     (DeVries and Taylor)."""
     rectangles = []

@@ -1,4 +1,4 @@
-"""Geometric ops. Each composes into the sample's one affine matrix; none touches pixels.
+"""Geometric ops. Each composes into the sample's one affine map; none touches pixels.
 
 Angles are in degrees, positive counter-clockwise as seen on screen (torchvision, Keras, PIL).
 Pixels a transform uncovers take the spec's fill (`fill_mode`, `fill_value`).
@@ -7,9 +7,7 @@ Pixels a transform uncovers take the spec's fill (`fill_mode`, `fill_value`).
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
-
-import numpy as np
+from typing import Any, Mapping, Sequence
 
 from augserve.ops.canvas import Canvas
 from augserve.ops.registry import (
@@ -54,12 +52,12 @@ def _size(doc: str) -> SizeParam:
         ),
     ),
 )
-def rotate(params: Mapping[str, Any], u: np.ndarray, canvas: Canvas) -> None:
+def rotate(params: Mapping[str, Any], u: Sequence[float], canvas: Canvas) -> None:
     """Rotate about the canvas centre, keeping the canvas size (corners take the fill)."""
     angle = math.radians(lerp(params["degrees"], u[0]))
     cos, sin = math.cos(angle), math.sin(angle)
     # With y pointing down, this matrix turns content counter-clockwise on screen.
-    canvas.about_center(np.array([[cos, sin], [-sin, cos]]))
+    canvas.about_center(((cos, sin), (-sin, cos)))
 
 
 @register_op(
@@ -71,11 +69,11 @@ def rotate(params: Mapping[str, Any], u: np.ndarray, canvas: Canvas) -> None:
         probability("vertical", "Probability of mirroring top-bottom.", 0.0),
     ),
 )
-def flip(params: Mapping[str, Any], u: np.ndarray, canvas: Canvas) -> None:
+def flip(params: Mapping[str, Any], u: Sequence[float], canvas: Canvas) -> None:
     """Mirror left-right and/or top-bottom, each with its own probability."""
     sx = -1.0 if u[0] < params["horizontal"] else 1.0
     sy = -1.0 if u[1] < params["vertical"] else 1.0
-    canvas.about_center(np.diag([sx, sy]))
+    canvas.about_center(((sx, 0.0), (0.0, sy)))
 
 
 @register_op(
@@ -101,12 +99,11 @@ def flip(params: Mapping[str, Any], u: np.ndarray, canvas: Canvas) -> None:
         ),
     ),
 )
-def shift(params: Mapping[str, Any], u: np.ndarray, canvas: Canvas) -> None:
+def shift(params: Mapping[str, Any], u: Sequence[float], canvas: Canvas) -> None:
     """Translate by fractions of the canvas size (sub-pixel; positive is right and down)."""
-    matrix = np.eye(3)
-    matrix[0, 2] = lerp(params["x"], u[0]) * canvas.width
-    matrix[1, 2] = lerp(params["y"], u[1]) * canvas.height
-    canvas.transform(matrix)
+    shift_x = lerp(params["x"], u[0]) * canvas.width
+    shift_y = lerp(params["y"], u[1]) * canvas.height
+    canvas.transform(((1.0, 0.0, shift_x), (0.0, 1.0, shift_y)))
 
 
 @register_op(
@@ -128,11 +125,11 @@ def shift(params: Mapping[str, Any], u: np.ndarray, canvas: Canvas) -> None:
         ),
     ),
 )
-def zoom(params: Mapping[str, Any], u: np.ndarray, canvas: Canvas) -> None:
+def zoom(params: Mapping[str, Any], u: Sequence[float], canvas: Canvas) -> None:
     """Scale about the canvas centre, keeping the canvas size."""
     scale_x = lerp(params["range"], u[0])
     scale_y = lerp(params["range"], u[1]) if params["independent"] else scale_x
-    canvas.about_center(np.diag([scale_x, scale_y]))
+    canvas.about_center(((scale_x, 0.0), (0.0, scale_y)))
 
 
 @register_op(
@@ -149,10 +146,10 @@ def zoom(params: Mapping[str, Any], u: np.ndarray, canvas: Canvas) -> None:
         ),
     ),
 )
-def shear(params: Mapping[str, Any], u: np.ndarray, canvas: Canvas) -> None:
+def shear(params: Mapping[str, Any], u: Sequence[float], canvas: Canvas) -> None:
     """Shear horizontally about the canvas centre: x moves by tan(angle) * (y - centre)."""
     slope = math.tan(math.radians(lerp(params["degrees"], u[0])))
-    canvas.about_center(np.array([[1.0, slope], [0.0, 1.0]]))
+    canvas.about_center(((1.0, slope), (0.0, 1.0)))
 
 
 @register_op(
@@ -170,7 +167,7 @@ def shear(params: Mapping[str, Any], u: np.ndarray, canvas: Canvas) -> None:
         ),
     ),
 )
-def crop(params: Mapping[str, Any], u: np.ndarray, canvas: Canvas) -> None:
+def crop(params: Mapping[str, Any], u: Sequence[float], canvas: Canvas) -> None:
     """Take a window of `size` at integer offsets (an exact pixel copy); a window larger than
     the canvas is centred and its margin takes the fill."""
     crop_h, crop_w = params["size"]
@@ -212,7 +209,7 @@ def crop(params: Mapping[str, Any], u: np.ndarray, canvas: Canvas) -> None:
         _interpolation(),
     ),
 )
-def random_resized_crop(params: Mapping[str, Any], u: np.ndarray, canvas: Canvas) -> None:
+def random_resized_crop(params: Mapping[str, Any], u: Sequence[float], canvas: Canvas) -> None:
     """Take a window of random area and aspect (10 tries, as torchvision), scaled to `size`;
     when no try fits, the largest centred window within the ratio bounds."""
     box = random_box(
@@ -223,10 +220,10 @@ def random_resized_crop(params: Mapping[str, Any], u: np.ndarray, canvas: Canvas
         low, high = params["ratio"]
         if aspect < low:
             box_w = canvas.width
-            box_h = int(round(box_w / low))
+            box_h = max(1, int(round(box_w / low)))
         elif aspect > high:
             box_h = canvas.height
-            box_w = int(round(box_h * high))
+            box_w = max(1, int(round(box_h * high)))
         else:
             box_h, box_w = canvas.height, canvas.width
         box = ((canvas.height - box_h) // 2, (canvas.width - box_w) // 2, box_h, box_w)
@@ -242,7 +239,7 @@ def random_resized_crop(params: Mapping[str, Any], u: np.ndarray, canvas: Canvas
     fixes_size=True,
     params=(_size("Output [height, width] in pixels."), _interpolation()),
 )
-def resize(params: Mapping[str, Any], u: np.ndarray, canvas: Canvas) -> None:
+def resize(params: Mapping[str, Any], u: Sequence[float], canvas: Canvas) -> None:
     """Scale the whole canvas to `size` (the aspect ratio may change)."""
     canvas.interpolation = params["interpolation"]
     canvas.crop_and_scale(0, 0, canvas.height, canvas.width, params["size"])
@@ -263,7 +260,7 @@ def resize(params: Mapping[str, Any], u: np.ndarray, canvas: Canvas) -> None:
         _interpolation(),
     ),
 )
-def resize_shorter_side(params: Mapping[str, Any], u: np.ndarray, canvas: Canvas) -> None:
+def resize_shorter_side(params: Mapping[str, Any], u: Sequence[float], canvas: Canvas) -> None:
     """Scale keeping the aspect ratio so the shorter side is `size` (follow with a crop to get
     one output size for every image, as in the usual eval transform)."""
     scale = params["size"] / min(canvas.height, canvas.width)

@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Mapping
-
-import numpy as np
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 from augserve.errors import SpecError
 from augserve.ops.canvas import Canvas
 
 Category = Literal["geometry", "color", "erase"]
-PlanFunction = Callable[[Mapping[str, Any], np.ndarray, Canvas], None]
+PlanFunction = Callable[[Mapping[str, Any], Sequence[float], Canvas], None]
 
 
 def _is_number(value: Any) -> bool:

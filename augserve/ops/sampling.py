@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import math
-
-import numpy as np
+from typing import Sequence
 
 BOX_ATTEMPTS = 10
 UNIFORMS_PER_BOX = 4 * BOX_ATTEMPTS
@@ -21,7 +20,7 @@ def random_offset(u: float, room: int) -> int:
 
 
 def random_box(
-    u: np.ndarray,
+    u: Sequence[float],
     height: int,
     width: int,
     scale: tuple[float, float],

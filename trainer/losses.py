@@ -1,0 +1,194 @@
+"""Data losses by name, and explicit L1 / L2 / elastic-net penalties on the weights.
+
+``loss_function = build_loss(config)``; ``parts = loss_function(logits, labels, model)`` returns
+`LossParts`: the data loss (mean over the batch), the penalty and their sum, each a scalar
+float32 tensor; call ``parts.total.backward()``. Labels are always class indices ``[N] int64``.
+
+Data losses (``LossConfig.name``), each on logits ``[N, loss_function.output_size(num_classes)]``:
+
+- ``cross_entropy``: softmax cross-entropy; one logit per class.
+- ``binary_cross_entropy``: two classes only (Keras ``class_mode='binary'``): the model has ONE
+  output logit ``[N, 1]`` for P(class 1) = sigmoid(logit); labels 0/1; sigmoid cross-entropy.
+  Build the model with ``build_model(..., loss_function.output_size(2))``, which is 1.
+- ``mse``: mean squared error between softmax probabilities and one-hot labels, averaged over
+  the N x num_classes entries (Keras' ``mean_squared_error`` after a softmax layer); one logit
+  per class. Probabilities, not raw logits, so the loss is bounded and argmax means the same.
+
+`loss_function.predictions(logits)` gives the predicted class ``[N] int64`` under each
+convention, for accuracy.
+
+Penalty: ``l1 * sum|theta| + l2 * sum theta^2`` over the weights chosen by
+`trainer.optim.split_parameters` (``p.dim() >= 2``; with ``penalize_biases_and_norms`` every
+trainable parameter). Note the L2 gradient is ``2 * l2 * theta`` (no 1/2 factor). ``l1`` alone
+is the lasso, ``l2`` alone ridge, both the elastic net. The penalty is added to every
+mini-batch's loss as it is (Keras' kernel_regularizer); it is independent of the optimizer's
+``weight_decay``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainer.optim import split_parameters
+from trainer.config import (
+    check_bool,
+    check_choice,
+    check_number,
+    config_from_dict,
+    config_to_dict,
+)
+
+
+class DataLoss:
+    """One data loss: its output-layer convention, the loss itself and the predicted class."""
+
+    def output_size(self, num_classes: int) -> int:
+        """Logits per sample the model must produce for `num_classes` classes."""
+        return num_classes
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean loss over the batch: logits [N, outputs] float, labels [N] int64 -> scalar."""
+        raise NotImplementedError
+
+    def predictions(self, logits: torch.Tensor) -> torch.Tensor:
+        """Predicted class indices [N] int64."""
+        return logits.argmax(dim=1)
+
+
+DATA_LOSSES: dict[str, type[DataLoss]] = {}
+
+
+def register_loss(name: str) -> Callable[[type[DataLoss]], type[DataLoss]]:
+    """Register a DataLoss class under `name`; registering a name twice is a ValueError."""
+
+    def register(loss_class: type[DataLoss]) -> type[DataLoss]:
+        if name in DATA_LOSSES:
+            raise ValueError(f"loss {name!r} is already registered")
+        DATA_LOSSES[name] = loss_class
+        return loss_class
+
+    return register
+
+
+@register_loss("cross_entropy")
+class CrossEntropy(DataLoss):
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, labels)
+
+
+@register_loss("binary_cross_entropy")
+class BinaryCrossEntropy(DataLoss):
+    def output_size(self, num_classes: int) -> int:
+        if num_classes != 2:
+            raise ValueError(
+                f"binary_cross_entropy needs exactly 2 classes, the data has {num_classes}"
+            )
+        return 1
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if logits.dim() != 2 or logits.shape[1] != 1:
+            raise ValueError(
+                f"binary_cross_entropy expects logits [N, 1], got {list(logits.shape)}"
+            )
+        return F.binary_cross_entropy_with_logits(logits[:, 0], labels.to(logits.dtype))
+
+    def predictions(self, logits: torch.Tensor) -> torch.Tensor:
+        return (logits[:, 0] > 0).long()
+
+
+@register_loss("mse")
+class MeanSquaredError(DataLoss):
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        probabilities = logits.softmax(dim=1)
+        targets = F.one_hot(labels, num_classes=logits.shape[1]).to(probabilities.dtype)
+        return F.mse_loss(probabilities, targets)
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """The data loss and the penalty coefficients (see the module docstring)."""
+
+    name: str = "cross_entropy"  # cross_entropy | binary_cross_entropy | mse
+    l1: float = 0.0  # lambda of sum|theta|, >= 0
+    l2: float = 0.0  # lambda of sum theta^2, >= 0; both > 0 is the elastic net
+    penalize_biases_and_norms: bool = False  # also penalize 1-d parameters
+
+    def __post_init__(self) -> None:
+        check_choice("name", self.name, tuple(DATA_LOSSES))
+        object.__setattr__(self, "l1", check_number("l1", self.l1, low=0.0))
+        object.__setattr__(self, "l2", check_number("l2", self.l2, low=0.0))
+        check_bool("penalize_biases_and_norms", self.penalize_biases_and_norms)
+
+    @property
+    def regularization(self) -> str:
+        """'none', 'l1', 'l2' or 'elastic_net', from which coefficients are non-zero."""
+        return {
+            (False, False): "none",
+            (True, False): "l1",
+            (False, True): "l2",
+            (True, True): "elastic_net",
+        }[(self.l1 > 0, self.l2 > 0)]
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> LossConfig:
+        return config_from_dict(cls, data, "loss")
+
+    def to_dict(self) -> dict[str, Any]:
+        return config_to_dict(self)
+
+
+@dataclass(frozen=True)
+class LossParts:
+    """Scalar float tensors: `total` = `data` + `penalty`; backpropagate `total`."""
+
+    data: torch.Tensor
+    penalty: torch.Tensor
+    total: torch.Tensor
+
+
+class LossFunction:
+    """``loss_function(logits, labels, model) -> LossParts``; built by `build_loss`."""
+
+    def __init__(self, config: LossConfig) -> None:
+        self.config = config
+        self.data_loss = DATA_LOSSES[config.name]()
+
+    def output_size(self, num_classes: int) -> int:
+        """Width of the model's output layer for `num_classes` classes (1 for binary BCE)."""
+        return self.data_loss.output_size(num_classes)
+
+    def predictions(self, logits: torch.Tensor) -> torch.Tensor:
+        """Predicted class indices [N] int64 from logits [N, output_size]."""
+        return self.data_loss.predictions(logits)
+
+    def penalty(self, model: nn.Module) -> torch.Tensor:
+        """``l1 * sum|theta| + l2 * sum theta^2`` over the regularized parameters; a scalar."""
+        parameters = split_parameters(model, self.config.penalize_biases_and_norms).regularized
+        device = parameters[0].device if parameters else None
+        penalty = torch.zeros((), device=device)
+        if self.config.l1 > 0:
+            penalty = penalty + self.config.l1 * sum(
+                parameter.abs().sum() for parameter in parameters
+            )
+        if self.config.l2 > 0:
+            penalty = penalty + self.config.l2 * sum(
+                parameter.square().sum() for parameter in parameters
+            )
+        return penalty
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor, model: nn.Module) -> LossParts:
+        """logits [N, output_size] float32, labels [N] int64 class indices, the model that made
+        the logits (for the penalty)."""
+        data = self.data_loss(logits, labels)
+        penalty = self.penalty(model)
+        return LossParts(data=data, penalty=penalty, total=data + penalty)
+
+
+def build_loss(config: LossConfig) -> LossFunction:
+    """The loss `config` names, with its penalty."""
+    return LossFunction(config)
