@@ -233,6 +233,8 @@ class ShardedStream:
 
     def __init__(self, streams: list[BatchStream]) -> None:
         self.streams = streams
+        # Tokens of the batches handed out, not of those fetched ahead and still pending.
+        self._tokens = [stream.last_resume_token for stream in streams]
         first = streams[0].facts
         self.facts = SessionFacts(
             session_id=",".join(stream.facts.session_id for stream in streams),
@@ -264,13 +266,14 @@ class ShardedStream:
             for index in live:
                 if pending[index].epoch == epoch:
                     batch, pending[index] = pending[index], None
+                    self._tokens[index] = batch.resume_token
                     yield batch
 
     torch = BatchStream.torch
 
     @property
     def resume_tokens(self) -> list[bytes]:
-        return [stream.last_resume_token for stream in self.streams]
+        return list(self._tokens)
 
     def close(self) -> None:
         for stream in self.streams:

@@ -26,8 +26,8 @@ READY_MARKER = ".complete"
 class DemoConfig:
     """Parameters of the demo dataset; they also name its cache folder."""
 
-    images_per_class: int = 200
-    image_size: int = 96
+    images_per_class: int = 300
+    image_size: int = 64
     seed: int = 0
     jpeg_quality: int = 90
 
@@ -41,7 +41,7 @@ class DemoConfig:
 
     @property
     def folder_name(self) -> str:
-        return f"demo-shapes-v1-n{self.images_per_class}-s{self.image_size}-seed{self.seed}-q{self.jpeg_quality}"
+        return f"demo-shapes-v2-n{self.images_per_class}-s{self.image_size}-seed{self.seed}-q{self.jpeg_quality}"
 
 
 def cache_root() -> Path:
@@ -59,15 +59,19 @@ def _polygon(center: tuple[float, float], radius: float, angle: float, corners: 
 def draw_sample(class_name: str, rng: np.random.Generator, size: int) -> Image.Image:
     """One picture of `class_name`: a random background, the shape, some noise and blur."""
     low, high = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+    high = low + (high - low) // 2  # a gentle gradient
     ramp = np.linspace(0.0, 1.0, size)[:, None, None]
     background = low + (high - low) * ramp
     background = np.transpose(background, (1, 0, 2)) if rng.random() < 0.5 else background
     background = np.broadcast_to(background, (size, size, 3))
     image = Image.fromarray(background.astype(np.uint8))
     draw = ImageDraw.Draw(image)
-    contrast = (background.mean(axis=(0, 1)) + 128) % 256
-    color = tuple(int(c) for c in np.clip(contrast + rng.integers(-40, 41, 3), 0, 255))
-    radius = size * rng.uniform(0.18, 0.32)
+    # A light shape on a dark background or the reverse, so the shape always stands out.
+    if background.mean() > 127:
+        color = tuple(int(c) for c in rng.integers(0, 70, 3))
+    else:
+        color = tuple(int(c) for c in rng.integers(185, 256, 3))
+    radius = size * rng.uniform(0.22, 0.36)
     center = (size * rng.uniform(0.35, 0.65), size * rng.uniform(0.35, 0.65))
     angle = rng.uniform(0, 2 * math.pi)
     width = max(2, int(radius * 0.35))

@@ -66,7 +66,7 @@ class ModelConfig:
 
     name: str = "cnn"  # a registered name (linear | mlp | cnn | resnet | rnn) or torchvision:<name>
     hidden_sizes: tuple[int, ...] = (256, 128)  # mlp: width of each hidden layer
-    conv_widths: tuple[int, ...] = (32, 64, 128)  # cnn: output channels of each conv block
+    conv_widths: tuple[int, ...] = (16, 32, 64, 64)  # cnn: output channels of each conv block
     stage_widths: tuple[int, ...] = (32, 64, 128, 256)  # resnet: channels of each stage
     blocks_per_stage: int = 2  # resnet: BasicBlocks per stage (2 with 4 stages is ResNet-18)
     rnn_hidden_size: int = 128  # rnn: GRU hidden state size

@@ -1,0 +1,419 @@
+"""The training loop: batches from augserve, normalization and training on this device.
+
+    train(config) -> TrainSummary
+
+Per epoch: `train_one_epoch` (a step per batch, or one per epoch for `gd`), `evaluate` on the
+validation split (resize + centre crop), metrics to JSONL/CSV, `save_checkpoint`. A checkpoint
+holds the model, the optimizer, the step (the schedule is a pure function of it), the torch RNG
+state and the stream's resume tokens, so `--resume` continues with exactly the batches an
+uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from augserve.client import Client, ReceivedBatch, open_stream, to_torch
+from trainer import distributed
+from trainer.distributed import Ranks
+from trainer.losses import LossFunction, build_loss
+from trainer.metrics import MetricsLog, Progress
+from trainer.models import build_model
+from trainer.optim import average_gradients, backward_sum, build_optimizer
+from trainer.run_config import TrainConfig
+from trainer.schedule import learning_rate, set_learning_rate
+
+log = logging.getLogger("trainer")
+
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+@dataclass
+class EpochTotals:
+    """Running sums of one epoch (kept in checkpoints so a resumed epoch reports whole)."""
+
+    data_loss: float = 0.0  # sum over samples
+    penalty: float = 0.0  # sum over steps
+    steps: int = 0
+    correct: int = 0
+    images: int = 0
+    seconds: float = 0.0
+    wait_seconds: float = 0.0
+    batches: int = 0
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0
+    step: int = 0  # optimizer steps
+    batches: int = 0  # batches trained on, over all epochs (the cadence of step metrics)
+    totals: EpochTotals = field(default_factory=EpochTotals)
+    accumulated_samples: int = 0  # gd: samples whose gradients are summed so far
+    resume_tokens: list[list[bytes]] = field(default_factory=list)  # per rank, per endpoint
+
+
+@dataclass
+class TrainSummary:
+    epochs: list[dict[str, Any]]
+    output: Path
+    step: int
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class BatchCursor:
+    """Pulls batches from a stream with one batch of look-ahead, so an epoch ends when the
+    next batch belongs to the following one. Times how long it waits."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self._iterator: Iterator[ReceivedBatch] = iter(stream)
+        self._pending: ReceivedBatch | None = None
+        self.exhausted = False
+        self.wait_seconds = 0.0
+
+    def next_in(self, epoch: int | None) -> ReceivedBatch | None:
+        """The next batch if it belongs to `epoch` (any batch when None), else None."""
+        if self._pending is None and not self.exhausted:
+            started = time.perf_counter()
+            self._pending = next(self._iterator, None)
+            self.wait_seconds += time.perf_counter() - started
+            self.exhausted = self._pending is None
+        batch = self._pending
+        if batch is None or (epoch is not None and batch.epoch != epoch):
+            return None
+        self._pending = None
+        return batch
+
+
+@dataclass
+class Trainer:
+    """Everything one run needs; built by `train`."""
+
+    config: TrainConfig
+    ranks: Ranks
+    device: torch.device
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    loss_function: LossFunction
+    clients: list[Client]
+    output_size: tuple[int, int]
+    classes: tuple[str, ...]
+    output: Path
+    metrics: MetricsLog
+    state: TrainState
+    total_steps: int
+    validation_samples: int
+    autocast_dtype: torch.dtype | None
+    batches_per_epoch: int | None = None  # the longest rank's, known once the stream opens
+
+    # --- one step ---
+
+    def _forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.autocast_dtype is None:
+            return self.model(images)
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype):
+            return self.model(images).float()
+
+    def _accumulate(self, batch: ReceivedBatch | None) -> tuple[float, float, int, int]:
+        """Forward and backward one batch (summed gradients). (data loss sum, penalty, correct, n)."""
+        if batch is None:
+            return 0.0, 0.0, 0, 0
+        images, labels = to_torch(batch.images, batch.labels, self.device, True, *_normalization())
+        logits = self._forward(images)
+        parts = self.loss_function(logits, labels, self.model)
+        count = len(labels)
+        backward_sum(parts.data, count)
+        correct = int((self.loss_function.predictions(logits.detach()) == labels).sum().item())
+        return float(parts.data.detach()) * count, float(parts.penalty.detach()), correct, count
+
+    def _step(self, sample_count: int) -> float:
+        """Average the summed gradients over every rank's samples, add the penalty, step."""
+        parameters = list(self.model.parameters())
+        total = distributed.sum_gradients(parameters, sample_count, self.ranks)
+        average_gradients(parameters, max(total, 1))
+        penalty = self.loss_function.penalty(self.model)
+        if penalty.requires_grad:  # a constant zero without L1/L2
+            penalty.backward()
+        rate = learning_rate(self.config.schedule, self.state.step, self.total_steps, self.config.optimizer.learning_rate)
+        set_learning_rate(self.optimizer, rate)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.step += 1
+        return rate
+
+    # --- an epoch ---
+
+    def train_one_epoch(self, cursor: BatchCursor, epoch: int, progress: Progress) -> EpochTotals:
+        config = self.config
+        state = self.state
+        totals = state.totals
+        one_step_per_epoch = config.optimizer.one_step_per_epoch
+        steps_per_epoch = config.data.steps_per_epoch
+        batches_expected = steps_per_epoch or self.batches_per_epoch
+        self.model.train()
+        rate = learning_rate(config.schedule, state.step, self.total_steps, config.optimizer.learning_rate)
+        while True:
+            started = time.perf_counter()
+            wait_before = cursor.wait_seconds
+            done = steps_per_epoch is not None and totals.batches >= steps_per_epoch
+            batch = None if done else cursor.next_in(None if steps_per_epoch else epoch)
+            if not distributed.any_rank(batch is not None, self.ranks, self.device):
+                break
+            loss_sum, penalty, correct, count = self._accumulate(batch)
+            if one_step_per_epoch:
+                state.accumulated_samples += count
+            else:
+                rate = self._step(count)
+            elapsed = time.perf_counter() - started
+            totals.data_loss += loss_sum
+            totals.penalty += penalty
+            totals.steps += 1
+            totals.correct += correct
+            totals.images += count
+            totals.batches += 1 if batch is not None else 0
+            totals.seconds += elapsed
+            totals.wait_seconds += cursor.wait_seconds - wait_before
+            if batch is not None:
+                state.resume_tokens = [list(cursor.stream.resume_tokens)]
+            state.batches += 1
+            if state.batches % config.run.log_every == 0:
+                self._log_step(epoch, rate, loss_sum / max(count, 1))
+            progress.update(
+                epoch, config.data.epochs, totals.batches, batches_expected,
+                f"loss {totals.data_loss / max(totals.images, 1):.4f} acc {totals.correct / max(totals.images, 1):.3f}",
+            )
+            if config.run.checkpoint_every and not one_step_per_epoch and state.step % config.run.checkpoint_every == 0:
+                self.save_checkpoint()
+            if self.step_budget_spent:
+                break
+        if one_step_per_epoch and not self.step_budget_spent:
+            rate = self._step(state.accumulated_samples)
+            state.accumulated_samples = 0
+        progress.finish()
+        return totals
+
+    @property
+    def step_budget_spent(self) -> bool:
+        return bool(self.config.run.max_steps) and self.state.step >= self.config.run.max_steps
+
+    def _log_step(self, epoch: int, rate: float, batch_loss: float) -> None:
+        totals = self.state.totals
+        record = {
+            "epoch": epoch,
+            "step": self.state.step,
+            "batch_loss": batch_loss,
+            "data_loss": totals.data_loss / max(totals.images, 1),
+            "penalty": totals.penalty / max(totals.steps, 1),
+            "accuracy": totals.correct / max(totals.images, 1),
+            "learning_rate": rate,
+            "images_per_second": totals.images / max(totals.seconds, 1e-9),
+            "data_wait_fraction": totals.wait_seconds / max(totals.seconds, 1e-9),
+        }
+        if self.ranks.is_main:
+            self.metrics.write("step", record)
+        log.debug("step %(step)d loss %(data_loss).4f acc %(accuracy).3f", record)
+
+    # --- validation ---
+
+    def evaluate(self) -> tuple[float, float]:
+        """(mean data loss, accuracy) over the validation split, every rank its shard."""
+        config = self.config
+        self.model.eval()
+        loss_sum, correct, count = 0.0, 0, 0
+        stream = open_stream(
+            self.clients, config.data.dataset, rank=self.ranks.rank, world_size=self.ranks.world_size,
+            split="validation", eval_size=self.output_size, batch_size=config.data.eval_batch_size,
+            epochs=1, transport=config.data.transport,
+        )
+        with stream, torch.no_grad():
+            for images, labels in stream.torch(self.device, True, *_normalization()):
+                logits = self._forward(images)
+                loss_sum += float(self.loss_function(logits, labels, self.model).data) * len(labels)
+                correct += int((self.loss_function.predictions(logits) == labels).sum().item())
+                count += len(labels)
+        loss_sum, correct, count = distributed.sum_values([loss_sum, correct, count], self.ranks, self.device)
+        return loss_sum / max(count, 1), correct / max(count, 1)
+
+    # --- checkpoints ---
+
+    def save_checkpoint(self) -> None:
+        tokens = distributed.gather(self.state.resume_tokens[0] if self.state.resume_tokens else [], self.ranks)
+        if not self.ranks.is_main:
+            return
+        state = self.state
+        payload = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "epoch": state.epoch,
+            "step": state.step,
+            "batches": state.batches,
+            "totals": asdict(state.totals),
+            "accumulated_samples": state.accumulated_samples,
+            "gradients": [None if p.grad is None else p.grad.detach().cpu() for p in self.model.parameters()],
+            "resume_tokens": tokens,
+            "world_size": self.ranks.world_size,
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "config": self.config.to_dict(),
+        }
+        path = self.output / CHECKPOINT_NAME
+        temporary = path.with_suffix(".tmp")
+        torch.save(payload, temporary)
+        os.replace(temporary, path)
+
+    def load_checkpoint(self, path: Path) -> None:
+        payload = torch.load(path, map_location=self.device, weights_only=False)
+        if payload["world_size"] != self.ranks.world_size:
+            raise ValueError(f"--resume: checkpoint was written by {payload['world_size']} ranks, this run has {self.ranks.world_size}")
+        self.model.load_state_dict(payload["model"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        for parameter, gradient in zip(self.model.parameters(), payload["gradients"]):
+            parameter.grad = None if gradient is None else gradient.to(self.device)
+        self.state = TrainState(
+            epoch=payload["epoch"],
+            step=payload["step"],
+            batches=payload["batches"],
+            totals=EpochTotals(**payload["totals"]),
+            accumulated_samples=payload["accumulated_samples"],
+            resume_tokens=[payload["resume_tokens"][self.ranks.rank]],
+        )
+        torch.set_rng_state(payload["torch_rng"].cpu())
+        if payload["cuda_rng"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(payload["cuda_rng"])
+        log.info("resumed from %s at epoch %d, step %d", path, self.state.epoch, self.state.step)
+
+
+def _normalization() -> tuple[tuple[float, ...], tuple[float, ...]]:
+    # Mid-gray centred, unit-ish spread: the demo and most photo datasets need nothing finer.
+    return (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+
+
+def build_trainer(config: TrainConfig, ranks: Ranks) -> Trainer:
+    device = resolve_device(config.run.device)
+    if config.run.threads:
+        torch.set_num_threads(config.run.threads)
+    if config.run.deterministic:
+        torch.use_deterministic_algorithms(True)
+    clients = [Client(endpoint, timeout=None) for endpoint in config.data.endpoints]
+    datasets = {info.name: info for info in clients[0].list_datasets()}
+    if config.data.dataset not in datasets:
+        raise ValueError(f"data.dataset: {config.data.dataset!r} is not served at {config.data.endpoints[0]}; it serves {sorted(datasets)}")
+    info = datasets[config.data.dataset]
+    spec = config.data.augment_spec()
+    output_size = spec.fixed_output_size or (tuple(info.image_size) if info.image_size else None)
+    if output_size is None:
+        raise ValueError("data.spec: images of this dataset differ in size; give data.image_size or a spec with a crop or resize")
+    loss_function = build_loss(config.loss)
+    torch.manual_seed(config.data.seed)
+    model = build_model(config.model, (3, *output_size), loss_function.output_size(len(info.classes))).to(device)
+    optimizer = build_optimizer(config.optimizer, model)
+    output = Path(config.run.output)
+    autocast_dtype = None
+    if config.run.amp and device.type == "cuda":
+        autocast_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    return Trainer(
+        config=config, ranks=ranks, device=device, model=model, optimizer=optimizer, loss_function=loss_function,
+        clients=clients, output_size=tuple(output_size), classes=tuple(info.classes), output=output,
+        metrics=MetricsLog(output, enabled=ranks.is_main), state=TrainState(), total_steps=1,
+        validation_samples=info.validation_samples, autocast_dtype=autocast_dtype,
+    )
+
+
+def train(config: TrainConfig, resume: str | Path | None = None) -> TrainSummary:
+    """Run training as configured (under torchrun: this rank's part); return the epoch records."""
+    ranks = distributed.setup(resolve_device(config.run.device).type)
+    trainer = build_trainer(config, ranks)
+    try:
+        return _run(trainer, resume)
+    finally:
+        for client in trainer.clients:
+            client.close()
+        distributed.teardown(ranks)
+
+
+def _run(trainer: Trainer, resume: str | Path | None) -> TrainSummary:
+    config, ranks = trainer.config, trainer.ranks
+    if ranks.is_main:
+        trainer.output.mkdir(parents=True, exist_ok=True)
+        (trainer.output / "config.yaml").write_text(config.to_yaml())
+    if resume is not None:
+        path = Path(resume)
+        trainer.load_checkpoint(path / CHECKPOINT_NAME if path.is_dir() else path)
+    data = config.data
+    endless = data.steps_per_epoch is not None
+    stream = open_stream(
+        trainer.clients, data.dataset, rank=ranks.rank, world_size=ranks.world_size,
+        resume_tokens=trainer.state.resume_tokens[0] if trainer.state.resume_tokens else (),
+        spec=data.augment_spec(), batch_size=data.batch_size, seed=data.seed,
+        epochs=0 if endless else data.epochs, transport=data.transport, prefetch=data.prefetch,
+        group_policy=data.group_policy,
+    )
+    batches_per_epoch = data.steps_per_epoch or max(
+        distributed.gather(stream.facts.batches_per_epoch, ranks)
+    )
+    trainer.batches_per_epoch = batches_per_epoch
+    trainer.total_steps = data.epochs if config.optimizer.one_step_per_epoch else data.epochs * batches_per_epoch
+    validate = data.validate and trainer.validation_samples >= ranks.world_size * len(trainer.clients)
+    progress = Progress(config.run.progress and ranks.is_main)
+    records = []
+    log.info(
+        "training %s on %s (%d classes, %dx%d) with %s, %s loss, %d epochs of %d batches on %s%s",
+        config.model.name, data.dataset, len(trainer.classes), *trainer.output_size, config.optimizer.name,
+        config.loss.name, data.epochs, batches_per_epoch, trainer.device,
+        f" (rank {ranks.rank} of {ranks.world_size})" if ranks.distributed else "",
+    )
+    cursor = BatchCursor(stream)
+    with stream:
+        while trainer.state.epoch < data.epochs:
+            epoch = trainer.state.epoch
+            totals = trainer.train_one_epoch(cursor, epoch, progress)
+            if trainer.step_budget_spent and (totals.batches < (batches_per_epoch or 0) or trainer.state.accumulated_samples):
+                trainer.save_checkpoint()  # stopped inside the epoch: resume continues it
+                log.info("stopped after %d steps (run.max_steps); resume with --resume %s", trainer.state.step, trainer.output)
+                break
+            sums = distributed.sum_values(
+                [totals.data_loss, totals.correct, totals.images, totals.penalty, totals.steps], ranks, trainer.device
+            )
+            val_loss, val_accuracy = trainer.evaluate() if validate else (math.nan, math.nan)
+            record = {
+                "epoch": epoch,
+                "step": trainer.state.step,
+                "train_data_loss": sums[0] / max(sums[2], 1),
+                "train_penalty": sums[3] / max(sums[4], 1),
+                "train_accuracy": sums[1] / max(sums[2], 1),
+                "val_loss": val_loss,
+                "val_accuracy": val_accuracy,
+                "images": int(sums[2]),
+                "images_per_second": totals.images * ranks.world_size / max(totals.seconds, 1e-9),
+                "data_wait_fraction": totals.wait_seconds / max(totals.seconds, 1e-9),
+                "seconds": totals.seconds,
+            }
+            records.append(record)
+            if ranks.is_main:
+                trainer.metrics.write("epoch", record)
+                log.info(
+                    "epoch %d: loss %.4f (penalty %.4g) acc %.3f | val loss %.4f acc %.3f | %.0f img/s, data wait %.0f%%",
+                    epoch, record["train_data_loss"], record["train_penalty"], record["train_accuracy"],
+                    val_loss, val_accuracy, record["images_per_second"], 100 * record["data_wait_fraction"],
+                )
+            trainer.state.epoch += 1
+            trainer.state.totals = EpochTotals()
+            trainer.save_checkpoint()
+            if trainer.step_budget_spent:
+                break
+    return TrainSummary(records, trainer.output, trainer.state.step)
+

@@ -1,0 +1,70 @@
+"""Metrics out of a training run: JSON lines, CSV tables and a progress line."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+STEP_COLUMNS = ("epoch", "step", "batch_loss", "data_loss", "penalty", "accuracy", "learning_rate", "images_per_second", "data_wait_fraction")
+EPOCH_COLUMNS = (
+    "epoch", "step", "train_data_loss", "train_penalty", "train_accuracy", "val_loss", "val_accuracy",
+    "images", "images_per_second", "data_wait_fraction", "seconds",
+)
+
+
+class MetricsLog:
+    """Appends records to metrics.jsonl (all), steps.csv and epochs.csv under `folder`.
+    Appending keeps a resumed run's earlier records."""
+
+    def __init__(self, folder: Path, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.folder = folder
+        if enabled:
+            folder.mkdir(parents=True, exist_ok=True)
+
+    def _append_csv(self, name: str, columns: tuple[str, ...], record: dict[str, Any]) -> None:
+        path = self.folder / name
+        new = not path.exists()
+        with open(path, "a", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
+            if new:
+                writer.writeheader()
+            writer.writerow(record)
+
+    def write(self, kind: str, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.folder / "metrics.jsonl", "a", encoding="utf-8") as handle:
+            handle.write(json.dumps({"kind": kind, "time": time.time(), **record}) + "\n")
+        if kind == "step":
+            self._append_csv("steps.csv", STEP_COLUMNS, record)
+        elif kind == "epoch":
+            self._append_csv("epochs.csv", EPOCH_COLUMNS, record)
+
+
+class Progress:
+    """One self-rewriting line on a terminal; silent elsewhere (logs carry the numbers)."""
+
+    def __init__(self, enabled: bool, stream: TextIO = sys.stderr) -> None:
+        self.stream = stream
+        self.enabled = enabled and stream.isatty()
+
+    def update(self, epoch: int, epochs: int, done: int, total: int | None, text: str) -> None:
+        if not self.enabled:
+            return
+        if total:
+            filled = int(20 * min(done, total) / total)
+            bar = f"[{'#' * filled}{'.' * (20 - filled)}] {done}/{total}"
+        else:
+            bar = f"{done}"
+        self.stream.write(f"\repoch {epoch + 1}/{epochs} {bar} {text}\033[K")
+        self.stream.flush()
+
+    def finish(self) -> None:
+        if self.enabled:
+            self.stream.write("\n")
+            self.stream.flush()
