@@ -104,7 +104,7 @@ class BatchStream:
         self._outgoing: queue.Queue[pb.ClientMessage | None] = queue.Queue()
         self._outgoing.put(pb.ClientMessage(open=open_message))
         self._probe = probe
-        self._reader: SlotReader | None = None
+        self._readers: dict[str, SlotReader] = {}  # shared-memory segments by name
         self._pending_release: int | None = None
         self._closed = False
         self._lock = threading.Lock()
@@ -135,18 +135,20 @@ class BatchStream:
             start_position=info.start_position,
             shared=info.shared,
         )
+        self._slot_bytes = info.slot_bytes
         if info.shm_name:
-            self._reader = SlotReader(info.shm_name, info.slot_bytes, info.slot_count)
+            self._readers[info.shm_name] = SlotReader(info.shm_name, info.slot_bytes)
 
     def __iter__(self) -> Iterator[ReceivedBatch]:
         try:
             for message in self._call:
                 kind = message.WhichOneof("kind")
                 if kind == "batch":
-                    self._acknowledge_previous()
                     batch = self._receive(message.batch)
                     self.last_resume_token = batch.resume_token
                     yield batch
+                    # The caller asked for the next batch: free this one before waiting.
+                    self._acknowledge_previous()
                 elif kind == "epoch_end":
                     end = message.epoch_end
                     self.epochs.append(EpochSummary(end.epoch, end.samples, end.skipped))
@@ -161,8 +163,11 @@ class BatchStream:
 
     def _receive(self, message: pb.Batch) -> ReceivedBatch:
         height, width = self.facts.output_size
-        if self._reader is not None:
-            images = self._reader.view(message.slot, (message.count, height, width, 3))
+        if message.shm_name:
+            reader = self._readers.get(message.shm_name)
+            if reader is None:  # the server moved this session to a producer of its own
+                reader = self._readers[message.shm_name] = SlotReader(message.shm_name, self._slot_bytes)
+            images = reader.view(message.slot, (message.count, height, width, 3))
             self._pending_release = message.sequence
         else:
             images = tensor_from_proto(message.images)
@@ -213,9 +218,9 @@ class BatchStream:
 
     def _cleanup(self) -> None:
         self._outgoing.put(None)
-        if self._reader is not None:
-            self._reader.close()
-            self._reader = None
+        for reader in self._readers.values():
+            reader.close()
+        self._readers.clear()
         if self._probe is not None:
             remove_probe(self._probe)
             self._probe = None
@@ -384,8 +389,11 @@ class Client:
         drop_last: bool = False,
         eval_size: tuple[int, int] | None = None,
         group_policy: str = "lockstep",
+        group_size: int = 0,
     ) -> BatchStream:
-        """Open a session. epochs=0 streams endlessly; transport is auto | inband | shared_memory."""
+        """Open a session. epochs=0 streams endlessly; transport is auto | inband | shared_memory.
+        Sessions of the same stream share one producer; `group_size` makes a new group wait
+        (at most the server's group_wait_seconds) for that many members before producing."""
         open_message = pb.OpenSession(
             dataset=dataset,
             split=SPLIT_VALUES[split],
@@ -401,6 +409,7 @@ class Client:
             drop_last=drop_last,
             eval_size=list(eval_size or ()),
             group_policy=GROUP_POLICY_VALUES[group_policy],
+            group_size=group_size,
         )
         if spec is not None:
             open_message.spec.CopyFrom(spec_to_proto(spec))

@@ -8,6 +8,11 @@ when every member has released it, so the ring bounds memory and a slow member h
 group back (lockstep) until it is detached onto a producer of its own, which continues with the
 same batches because plans and order are pure functions of the stream and the cursor.
 
+Released batches stay in the ring until their slot is needed, so a session that opens a little
+after its group can still join at its own start; one that comes later starts a producer of its
+own at its own cursor. A session may ask the new group to wait for `group_size` members (a
+sweep knows how many of its trainers share a stream) before producing.
+
 One lock and condition guard all of this state; the expensive work (reading files, augmenting)
 runs outside it. Producers take turns at the backend through a `FairScheduler`.
 """
@@ -32,7 +37,7 @@ from augserve.produce import BadImagePolicy, SourceImage, augment_batch
 from augserve.scheduler import FairScheduler
 from augserve.spec import MAX_OPS, AugmentSpec
 from augserve.transport.ring import SlotRing, probe_matches, shared_memory_available
-from augserve.wire import ResumeToken, SessionRequest, stream_hash, tensor_to_proto
+from augserve.wire import ResumeToken, SessionRequest, fill_tensor, stream_hash
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +57,9 @@ class Limits:
     max_batch_bytes: int = 256 << 20  # images of one batch
     max_buffer_bytes: int = 4 << 30  # all producers' rings together
     max_decoded_pixels: int = 40_000_000  # per source image (decompression bombs)
-    group_window: int = 4  # slots beyond a producer's prefetch, for members to drift apart
+    group_window: int = 8  # slots beyond a producer's prefetch, for members to drift apart
     stall_seconds: float = 30.0  # a lockstep member that long without progress is detached
+    group_wait_seconds: float = 30.0  # longest a new group waits for its announced members
 
     def __post_init__(self) -> None:
         for name in ("max_sessions", "max_batch_size", "max_output_pixels", "max_prefetch", "default_prefetch"):
@@ -158,6 +164,8 @@ class Producer:
         self.ring = SlotRing(slot_count, self.slot_bytes, key.shared_memory)
         self.free_slots = list(range(slot_count))
         self.members: list[Session] = []
+        self.expected_members = 1
+        self.created = time.monotonic()
         self.batches: dict[int, ProducedBatch] = {}
         self.next_sequence = 0
         self.error: BaseException | None = None
@@ -202,7 +210,22 @@ class Producer:
 
     def _may_produce(self) -> bool:
         end = self._end_epoch()
-        return bool(self.members) and (end is None or self.cursor[0] < end) and bool(self.free_slots)
+        gathering = (
+            self.next_sequence == 0  # only before the first batch: members may leave later
+            and len(self.members) < self.expected_members
+            and time.monotonic() - self.created < self.manager.limits.group_wait_seconds
+        )
+        return bool(self.members) and not gathering and (end is None or self.cursor[0] < end) and self._has_slot()
+
+    def _has_slot(self) -> bool:
+        return bool(self.free_slots) or any(batch.references == 0 for batch in self.batches.values())
+
+    def _take_slot(self) -> int:
+        """A free slot, else the slot of the oldest batch nobody references any more."""
+        if self.free_slots:
+            return self.free_slots.pop(0)
+        oldest = min(sequence for sequence, batch in self.batches.items() if batch.references == 0)
+        return self.batches.pop(oldest).slot
 
     def _run(self) -> None:
         manager = self.manager
@@ -216,7 +239,7 @@ class Producer:
                         manager.condition.wait(timeout=1.0)
                     if self.stopped:
                         return
-                    slot = self.free_slots.pop(0)
+                    slot = self._take_slot()
                     epoch, position = self.cursor
                     sequence = self.next_sequence
                     ids = self._order_for(epoch)[position : position + self.key.batch_size]
@@ -250,8 +273,6 @@ class Producer:
                     for member in self.members:
                         if member.next_sequence <= sequence:
                             member.take(self, produced)
-                    if produced.references == 0:
-                        self._drop(produced)
                     self.next_sequence += 1
                     self.cursor = next_cursor
                     manager.counters.batches_produced += 1
@@ -284,16 +305,10 @@ class Producer:
     # --- references (called with the manager's lock held) ---
 
     def release(self, sequence: int) -> None:
+        """One reference fewer; at none the batch stays readable until its slot is reused."""
         batch = self.batches.get(sequence)
-        if batch is None:
-            return
-        batch.references -= 1
-        if batch.references <= 0:
-            self._drop(batch)
-
-    def _drop(self, batch: ProducedBatch) -> None:
-        self.batches.pop(batch.sequence, None)
-        self.free_slots.append(batch.slot)
+        if batch is not None and batch.references > 0:
+            batch.references -= 1
 
     def cursor_of(self, sequence: int) -> tuple[int, int] | None:
         if sequence == self.next_sequence:
@@ -407,7 +422,7 @@ class Session:
             prefetch=self.prefetch,
             start_epoch=start_epoch,
             start_position=start_position,
-            shared=len(producer.members) > 1,
+            shared=len(producer.members) > 1 or producer.expected_members > 1,
         )
 
     def messages(self) -> Iterator[pb.ServerMessage]:
@@ -438,14 +453,16 @@ class Session:
                 self.next_sequence += 1
                 self.last_progress = time.monotonic()
                 message = self._batch_message(producer, batch)
-                if not self.key.shared_memory:
-                    # The message holds a copy of the slot now: let it go.
-                    self.held.pop((producer.id, batch.sequence), None)
-                    producer.release(batch.sequence)
                 self.sent += 1
                 manager.counters.batches_delivered += 1
                 manager.counters.images_delivered += len(batch.sample_ids)
-                manager.condition.notify_all()
+            if not self.key.shared_memory:
+                # Copy the pixels outside the lock (the reference keeps the slot), then let go.
+                fill_tensor(message.batch.images, producer.images_of(batch))
+                with manager.condition:
+                    if self.held.pop((producer.id, batch.sequence), "absent") is None:
+                        producer.release(batch.sequence)
+                    manager.condition.notify_all()
             yield message
             if batch.end_of_epoch:
                 yield pb.ServerMessage(
@@ -456,24 +473,25 @@ class Session:
                     return
 
     def _batch_message(self, producer: Producer, batch: ProducedBatch) -> pb.ServerMessage:
+        """The batch's message, built in place (a nested message given to a constructor is
+        copied); in-band pixels are added by the caller, outside the lock."""
         token = ResumeToken(self.key.token_hash, *batch.next_cursor).encode()
         self.last_token = token
-        message = pb.Batch(
-            sequence=self.sent,
-            epoch=batch.epoch,
-            position=batch.position,
-            count=len(batch.sample_ids),
-            labels=batch.labels.tolist(),
-            sample_ids=batch.sample_ids.tolist(),
-            resume_token=token,
-            skipped=batch.skipped,
-        )
+        server_message = pb.ServerMessage()
+        message = server_message.batch
+        message.sequence = self.sent
+        message.epoch = batch.epoch
+        message.position = batch.position
+        message.count = len(batch.sample_ids)
+        message.labels.extend(batch.labels.tolist())
+        message.sample_ids.extend(batch.sample_ids.tolist())
+        message.resume_token = token
+        message.skipped.extend(batch.skipped)
         if self.key.shared_memory:
             message.slot = batch.slot
+            message.shm_name = producer.ring.name or ""
             self.outstanding[self.sent] = (producer, batch.sequence)
-        else:
-            message.images.CopyFrom(tensor_to_proto(producer.images_of(batch)))
-        return pb.ServerMessage(batch=message)
+        return server_message
 
 
 @dataclass
@@ -501,6 +519,8 @@ class SessionManager:
             raise LimitError(f"open.batch_size: {request.batch_size} is over the limit of {limits.max_batch_size}")
         if request.prefetch > limits.max_prefetch:
             raise LimitError(f"open.prefetch: {request.prefetch} is over the limit of {limits.max_prefetch}")
+        if request.group_size > limits.max_sessions:
+            raise LimitError(f"open.group_size: {request.group_size} is over the limit of {limits.max_sessions} sessions")
         if len(request.spec.ops) > limits.max_spec_ops:
             raise LimitError(f"open.spec.ops: {len(request.spec.ops)} ops is over the limit of {limits.max_spec_ops}")
         split_ids = dataset.split_ids(request.split)
@@ -563,6 +583,7 @@ class SessionManager:
                         f"{limits.max_buffer_bytes - self.buffer_bytes} are left (limit max_buffer_bytes)"
                     )
                 producer = Producer(self, key, dataset, request.spec, split_ids, output_size, cursor, slot_count)
+                producer.expected_members = max(1, request.group_size)
                 self.producers[producer.id] = producer
                 self._attach(session, producer, producer.next_sequence)
                 producer.thread.start()
@@ -618,7 +639,7 @@ class SessionManager:
     def release_stragglers(self, producer: Producer) -> None:
         """Detach members that hold the group back: detach-policy members a window behind, and
         any member without progress for `stall_seconds`."""
-        if producer.free_slots or len(producer.members) < 2 or not producer.batches:
+        if producer._has_slot() or len(producer.members) < 2 or not producer.batches:
             return
         oldest = min(producer.batches)
         now = time.monotonic()

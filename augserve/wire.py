@@ -106,8 +106,11 @@ def spec_from_proto(message: pb.AugmentSpec, field: str = "open.spec") -> Augmen
 # ---- tensors ----
 
 
-def tensor_to_proto(array: np.ndarray) -> pb.Tensor:
-    return pb.Tensor(shape=list(array.shape), dtype=array.dtype.name, data=np.ascontiguousarray(array).tobytes())
+def fill_tensor(message: pb.Tensor, array: np.ndarray) -> None:
+    """Write `array` into a (nested) Tensor message in place: one copy of the pixels."""
+    message.shape.extend(array.shape)
+    message.dtype = array.dtype.name
+    message.data = np.ascontiguousarray(array).tobytes()
 
 
 def tensor_from_proto(message: pb.Tensor) -> np.ndarray:
@@ -171,6 +174,7 @@ class SessionRequest:
     bad_image_policy: BadImagePolicy
     drop_last: bool
     group_policy: str
+    group_size: int
     shm_probe_name: str
     shm_probe_nonce: bytes
 
@@ -215,6 +219,7 @@ def parse_open(message: pb.OpenSession, eval_spec_for, max_pixels: int) -> Sessi
         bad_image_policy=BadImagePolicy(_enum_name("open.on_bad_image", message.on_bad_image, BAD_IMAGE_NAMES), max_pixels),
         drop_last=message.drop_last,
         group_policy=_enum_name("open.group_policy", message.group_policy, GROUP_POLICY_NAMES),
+        group_size=message.group_size,
         shm_probe_name=message.shm_probe_name,
         shm_probe_nonce=message.shm_probe_nonce,
     )

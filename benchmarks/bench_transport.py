@@ -24,11 +24,13 @@ tree in a temporary folder. Spec: `random_resized_crop` to the output size, hori
 
 Timing. A cell is one (output size, batch size, consumers, way). Its `--seconds` are split
 into ROUNDS rounds, taken in turn with the other two ways of its row (the order reversed every
-other round; the machine may be shared). A round opens fresh streams, lets every consumer take
-WARMUP_BATCHES batches and WARMUP_SECONDS, then opens one common window; each consumer's rate
-is the images of its batches after the first one finished in the window, over the time from
-that first to its last batch finished in the window. A cell's rate is the mean over rounds of
-the consumers' summed rates.
+other round). A round opens fresh streams, lets every consumer take WARMUP_BATCHES batches and
+WARMUP_SECONDS, then opens one common window; each consumer's rate is the images of its
+batches after the first one finished in the window, over the time from that first to its last
+batch finished in the window (a consumer with fewer than MIN_COUNTED_BATCHES after the first
+goes on past the window until it has them). A cell's rate is the mean over rounds of the
+consumers' summed rates. The machine may be shared: before each round the run waits, within a
+budget, until other users of the machine are quiet (QuietGate).
 
 CPU accounting over each window: this process (the server, or the in-process loops) by thread
 role from /proc/self/task, the client processes by `time.process_time`, and the whole
@@ -44,6 +46,7 @@ import multiprocessing
 import os
 import platform
 import re
+import signal
 import sys
 import tempfile
 import threading
@@ -79,6 +82,7 @@ WAYS = (IN_PROCESS, SHARED_MEMORY, INBAND)
 TARGETS = {SHARED_MEMORY: 0.95, INBAND: 0.70}
 ROUNDS = 2
 WARMUP_BATCHES = 2
+MIN_COUNTED_BATCHES = 2
 WARMUP_SECONDS = 0.5
 # Gap between the last consumer reporting warm and the window opening.
 WINDOW_LEAD_SECONDS = 0.05
@@ -110,6 +114,7 @@ SEED = 1000  # consumer k of round r streams with seed SEED + 10 * r + k
 
 
 def spec_dict(side: int) -> dict:
+    """The spec of every cell with `side`×`side` outputs, as `AugmentSpec.from_dict` takes it."""
     return {
         "ops": [
             {"random_resized_crop": {"size": side}},
@@ -173,9 +178,10 @@ class WindowSignals(Protocol):
 
 
 def consume(batches: Iterator[np.ndarray], signals: WindowSignals) -> ConsumerRound:
-    """Touch batches until the coordinator's window has closed. `batches` yields [N, H, W, 3]
-    uint8 arrays valid until the next one is asked for. Times are `time.monotonic()`, one
-    clock for every process of the machine."""
+    """Touch batches until the coordinator's window has closed and at least MIN_COUNTED_BATCHES
+    followed the anchor (a slow stream runs past the window rather than yield no rate).
+    `batches` yields [N, H, W, 3] uint8 arrays valid until the next one is asked for. Times are
+    `time.monotonic()`, one clock for every process of the machine."""
     started = time.monotonic()
     taken = 0
     warm = False
@@ -196,7 +202,7 @@ def consume(batches: Iterator[np.ndarray], signals: WindowSignals) -> ConsumerRo
         start, end = window
         if finished < start:
             continue
-        if finished > end:
+        if finished > end and batches_counted >= MIN_COUNTED_BATCHES:
             break
         if first is None:
             first = (finished, time.process_time())
@@ -205,7 +211,7 @@ def consume(batches: Iterator[np.ndarray], signals: WindowSignals) -> ConsumerRo
         images += len(array)
         batches_counted += 1
     if first is None or last is None:
-        raise RuntimeError("fewer than two batches finished inside the window: use more --seconds")
+        raise RuntimeError("the stream ended before the window closed")
     return ConsumerRound(images, batches_counted, last[0] - first[0], last[1] - first[1], checksum)
 
 
@@ -225,7 +231,9 @@ def in_process_batches(
             for sample_id in order[position : position + batch_size].tolist():
                 path = manifest.path(sample_id)
                 with open(path, "rb") as handle:
-                    sources.append(SourceImage(sample_id, int(manifest.labels[sample_id]), path, handle.read()))
+                    sources.append(
+                        SourceImage(sample_id, int(manifest.labels[sample_id]), path, handle.read())
+                    )
             yield augment_batch(backend, spec, seed, epoch, sources, out=out).images
         epoch += 1
 
@@ -234,10 +242,17 @@ def server_batches(client: Client, job: StreamJob) -> Iterator[np.ndarray]:
     """Endless batches of one stream; the stream closes when the generator does."""
     spec = AugmentSpec.from_dict(job.spec)
     with client.stream(
-        job.dataset, spec=spec, batch_size=job.batch_size, seed=job.seed, epochs=0, transport=job.transport
+        job.dataset,
+        spec=spec,
+        batch_size=job.batch_size,
+        seed=job.seed,
+        epochs=0,
+        transport=job.transport,
     ) as stream:
         if stream.facts.transport != job.transport:
-            raise RuntimeError(f"asked for {job.transport}, the server chose {stream.facts.transport}")
+            raise RuntimeError(
+                f"asked for {job.transport}, the server chose {stream.facts.transport}"
+            )
         if stream.facts.shared:
             raise RuntimeError("the stream joined another client's producer; seeds must differ")
         for batch in stream:
@@ -254,15 +269,16 @@ class ThreadConsumer:
         self._batches = batches
         self._warm = threading.Event()
         self._window: tuple[float, float] | None = None
-        self._result: ConsumerRound | BaseException | None = None
+        self._result: ConsumerRound | None = None
+        self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         try:
             self._result = consume(self._batches, self)
-        except BaseException as error:  # handed to the coordinator by result()
-            self._result = error
+        except BaseException as error:  # noqa: BLE001 - raised again in the coordinator
+            self._error = error
             self._warm.set()
         finally:
             self._batches.close()
@@ -278,8 +294,8 @@ class ThreadConsumer:
     def wait_warm(self) -> None:
         if not self._warm.wait(CONSUMER_TIMEOUT_SECONDS):
             raise TimeoutError(f"{self._thread.name} did not warm up")
-        if isinstance(self._result, BaseException):
-            raise RuntimeError(f"{self._thread.name} failed") from self._result
+        if self._error is not None:
+            raise RuntimeError(f"{self._thread.name} failed") from self._error
 
     def open_window(self, start: float, end: float) -> None:
         self._window = (start, end)
@@ -288,20 +304,25 @@ class ThreadConsumer:
         self._thread.join(CONSUMER_TIMEOUT_SECONDS)
         if self._thread.is_alive():
             raise TimeoutError(f"{self._thread.name} did not finish its window")
-        if isinstance(self._result, BaseException):
-            raise RuntimeError(f"{self._thread.name} failed") from self._result
-        assert self._result is not None
+        if self._error is not None or self._result is None:
+            raise RuntimeError(f"{self._thread.name} failed") from self._error
         return self._result
 
 
 @dataclass(frozen=True)
 class StreamJob:
+    """What a client process streams: `transport` is "shared_memory" or "inband"."""
+
     address: str
     dataset: str
     spec: dict
     batch_size: int
     seed: int
     transport: str
+
+
+class StopWorker(Exception):
+    """The coordinator asked a client process to stop while it was streaming."""
 
 
 class PipeSignals:
@@ -316,10 +337,12 @@ class PipeSignals:
 
     def window(self) -> tuple[float, float] | None:
         if self._window is None and self._connection.poll():
-            kind, start, end = self._connection.recv()
-            if kind != "window":
-                raise RuntimeError(f"expected a window message, got {kind!r}")
-            self._window = (start, end)
+            message = self._connection.recv()
+            if message[0] == "stop":
+                raise StopWorker
+            if message[0] != "window":
+                raise RuntimeError(f"expected a window message, got {message[0]!r}")
+            self._window = (message[1], message[2])
         return self._window
 
 
@@ -333,16 +356,20 @@ def client_worker(connection: Connection) -> None:
                 return
             job: StreamJob = message[1]
             try:
-                client = clients.get(job.address) or clients.setdefault(job.address, Client(job.address))
+                if job.address not in clients:
+                    clients[job.address] = Client(job.address)
+                client = clients[job.address]
                 batches = server_batches(client, job)
                 try:
                     result = consume(batches, PipeSignals(connection))
                 finally:
                     batches.close()
                 connection.send(("done", result))
-            except Exception:
+            except StopWorker:
+                raise
+            except Exception:  # noqa: BLE001 - the coordinator raises it with this traceback
                 connection.send(("error", traceback.format_exc()))
-    except (EOFError, KeyboardInterrupt):
+    except (EOFError, KeyboardInterrupt, StopWorker):
         return
     finally:
         for client in clients.values():
@@ -362,7 +389,9 @@ class ProcessConsumer:
             raise TimeoutError(f"client (seed {self._job.seed}) sent no {expected!r}")
         message = self._connection.recv()
         if message[0] == "error":
-            raise RuntimeError(f"client (seed {self._job.seed}, {self._job.transport}) failed:\n{message[1]}")
+            raise RuntimeError(
+                f"client (seed {self._job.seed}, {self._job.transport}) failed:\n{message[1]}"
+            )
         if message[0] != expected:
             raise RuntimeError(f"expected {expected!r} from a client, got {message[0]!r}")
         return message
@@ -386,7 +415,9 @@ class ClientPool:
         self.processes = []
         for index in range(count):
             ours, theirs = context.Pipe()
-            process = context.Process(target=client_worker, args=(theirs,), name=f"bench-client-{index}", daemon=True)
+            process = context.Process(
+                target=client_worker, args=(theirs,), name=f"bench-client-{index}", daemon=True
+            )
             process.start()
             theirs.close()
             self.connections.append(ours)
@@ -478,7 +509,9 @@ def window_cpu(before: CpuSample, after: CpuSample) -> WindowCpu:
         if value - roles_before.get(role, 0.0) > 0
     }
     cores = os.cpu_count() or 1
-    return WindowCpu(time_after - time_before, by_role, cores * (total - idle) / total, cores * steal / total)
+    return WindowCpu(
+        time_after - time_before, by_role, cores * (total - idle) / total, cores * steal / total
+    )
 
 
 def busy_cores(seconds: float) -> float:
@@ -577,7 +610,9 @@ class Cell:
     @property
     def process_ms_per_image(self) -> float:
         """This process's CPU (server, or in-process loops) per delivered image."""
-        return 1e3 * sum(item.cpu.process_seconds for item in self.rounds) / self._images_in_windows()
+        return (
+            1e3 * sum(item.cpu.process_seconds for item in self.rounds) / self._images_in_windows()
+        )
 
     @property
     def client_ms_per_image(self) -> float | None:
@@ -650,13 +685,16 @@ class Bench:
         self.server.stop(grace=2.0)
         self.backend.close()
 
-    def measure(self, way: str, side: int, batch_size: int, consumers: int, round_index: int, seconds: float) -> Round:
+    def measure(
+        self, way: str, side: int, batch_size: int, consumers: int, round_index: int, seconds: float
+    ) -> Round:
         seeds = [SEED + 10 * round_index + index for index in range(consumers)]
         if way == IN_PROCESS:
             spec = AugmentSpec.from_dict(spec_dict(side))
             handles = [
                 ThreadConsumer(
-                    in_process_batches(self.backend, self.manifest, spec, batch_size, seed), f"bench-loop-{index}"
+                    in_process_batches(self.backend, self.manifest, spec, batch_size, seed),
+                    f"bench-loop-{index}",
                 )
                 for index, seed in enumerate(seeds)
             ]
@@ -664,7 +702,9 @@ class Bench:
             handles = [
                 ProcessConsumer(
                     self.clients.connections[index],
-                    StreamJob(self.server.address, DATASET_NAME, spec_dict(side), batch_size, seed, way),
+                    StreamJob(
+                        self.server.address, DATASET_NAME, spec_dict(side), batch_size, seed, way
+                    ),
                 )
                 for index, seed in enumerate(seeds)
             ]
@@ -682,7 +722,9 @@ def run_benchmark(config: BenchConfig, bench: Bench, gate: QuietGate) -> list[Ce
                 order = WAYS if round_index % 2 == 0 else WAYS[::-1]
                 for way in order:
                     gate.wait()
-                    measured = bench.measure(way, side, batch_size, consumers, round_index, round_seconds)
+                    measured = bench.measure(
+                        way, side, batch_size, consumers, round_index, round_seconds
+                    )
                     row[way].rounds.append(measured)
             for way in WAYS:
                 cell = row[way]
@@ -724,7 +766,9 @@ def make_dataset(root: Path, count: int = DATASET_IMAGES) -> Path:
         folder = dataset / SAMPLE_PHOTOS[pick]
         folder.mkdir(parents=True, exist_ok=True)
         bgr = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2BGR)
-        if not cv2.imwrite(str(folder / f"{index:05d}.jpg"), bgr, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY]):
+        if not cv2.imwrite(
+            str(folder / f"{index:05d}.jpg"), bgr, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY]
+        ):
             raise RuntimeError(f"could not write a JPEG under {folder}")
     return dataset
 
@@ -752,7 +796,14 @@ def machine_info() -> dict[str, object]:
 
 def library_versions() -> dict[str, str]:
     versions = {}
-    for package in ("augserve", "numpy", "opencv-python-headless", "grpcio", "protobuf", "scikit-image"):
+    for package in (
+        "augserve",
+        "numpy",
+        "opencv-python-headless",
+        "grpcio",
+        "protobuf",
+        "scikit-image",
+    ):
         try:
             versions[package] = version(package)
         except PackageNotFoundError:
@@ -768,15 +819,22 @@ def _ratio(value: float, baseline: float) -> str:
 def markdown_tables(cells: Sequence[Cell]) -> str:
     """Rates per row (shape × consumers) and way with ratios to in-process; then CPU."""
     lookup = {(c.side, c.batch_size, c.consumers, c.way): c for c in cells}
-    rows = sorted({(c.side, c.batch_size, c.consumers) for c in cells}, key=lambda r: (-r[0], r[1], r[2]))
+    rows = sorted(
+        {(c.side, c.batch_size, c.consumers) for c in cells}, key=lambda r: (-r[0], r[1], r[2])
+    )
     rates = [
-        "| output | batch | clients | in-process img/s | MB/s | shared memory img/s | MB/s | "
-        "shm / in-process | in-band img/s | MB/s | in-band / in-process |",
+        (
+            "| output | batch | clients | in-process img/s | MB/s | shared memory img/s | MB/s "
+            "| shm / in-process | in-band img/s | MB/s | in-band / in-process |"
+        ),
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     cpu = [
-        "| output | batch | clients | in-process | shm: server | shm: client | in-band: server "
-        "| in-band: server rpc threads | in-band: client | other load, cores (in-proc, shm, in-band) |",
+        (
+            "| output | batch | clients | in-process | shm: server | shm: client "
+            "| in-band: server | in-band: server rpc threads | in-band: client "
+            "| other load, cores (in-process, shm, in-band) |"
+        ),
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for side, batch_size, consumers in rows:
@@ -802,8 +860,7 @@ def markdown_tables(cells: Sequence[Cell]) -> str:
         "Delivered images/s and MB/s (10⁶ bytes of pixels), sum over clients:\n\n"
         + "\n".join(rates)
         + "\n\nCPU ms per delivered image (server: this whole process; other load: cores busy "
-        "with work not of this run, mean over rounds):\n\n"
-        + "\n".join(cpu)
+        "with work not of this run, mean over rounds):\n\n" + "\n".join(cpu)
     )
 
 
@@ -826,10 +883,19 @@ def target_summary(cells: Sequence[Cell]) -> list[str]:
 
 def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=float, default=None, help="timed seconds per cell (default 4; 1 with --quick)")
-    parser.add_argument("--json", dest="json_path", default=None, help="also write raw numbers to this file")
     parser.add_argument(
-        "--quick", action="store_true", help=f"a smoke run: shapes {QUICK_SHAPES}, one round, 1 s per cell"
+        "--seconds",
+        type=float,
+        default=None,
+        help="timed seconds per cell (default 4; 1 with --quick)",
+    )
+    parser.add_argument(
+        "--json", dest="json_path", default=None, help="also write raw numbers to this file"
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"a smoke run: shapes {QUICK_SHAPES}, one round, 1 s per cell",
     )
     args = parser.parse_args(argv)
     if args.quick:
@@ -837,8 +903,15 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
     return BenchConfig(args.seconds or 4.0, SHAPES, ROUNDS, QUIET_BUDGET_SECONDS, args.json_path)
 
 
+def _exit_on_signal(number: int, frame: object) -> None:
+    raise SystemExit(128 + number)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     config = parse_args(argv)
+    # SIGTERM ends a run as Ctrl-C does: the server, the client processes and the temporary
+    # folder are cleaned up on the way out.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     machine = machine_info()
     versions = library_versions()
     began = time.monotonic()
@@ -851,7 +924,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             manifest = load_manifest(dataset_path)
             cells_count = len(config.shapes) * len(CONSUMER_COUNTS) * len(WAYS)
             print(
-                f"Measuring {cells_count} cells of {config.seconds:g} s ({config.rounds} round(s) each)...",
+                f"Measuring {cells_count} cells of {config.seconds:g} s "
+                f"({config.rounds} round(s) each)...",
                 file=sys.stderr,
                 flush=True,
             )
@@ -873,7 +947,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(
         f"Data: {DATASET_IMAGES} JPEGs {SOURCE_SIDE}×{SOURCE_SIDE} q{JPEG_QUALITY}; spec: "
         "random_resized_crop + flip + brightness; server: OpenCV backend, "
-        f"{os.cpu_count()} threads, default prefetch; clients: one process each (spawn)."
+        f"{os.cpu_count()} threads, prefetch {Limits().default_prefetch}; "
+        "clients: one process each (spawn)."
     )
     print(
         f"{config.seconds:g} s per cell as {config.rounds} round(s), ways interleaved; "
@@ -891,8 +966,14 @@ def main(argv: Sequence[str] | None = None) -> None:
             "machine": machine,
             "versions": versions,
             "config": asdict(config),
-            "dataset": {"images": DATASET_IMAGES, "side": SOURCE_SIDE, "jpeg_quality": JPEG_QUALITY},
-            "specs": {side: spec_dict(side) for side in sorted({side for side, _ in config.shapes})},
+            "dataset": {
+                "images": DATASET_IMAGES,
+                "side": SOURCE_SIDE,
+                "jpeg_quality": JPEG_QUALITY,
+            },
+            "specs": {
+                side: spec_dict(side) for side in sorted({side for side, _ in config.shapes})
+            },
             "targets": TARGETS,
             "quiet_wait": {"seconds": gate.waited, "rounds_started_busy": gate.rounds_started_busy},
             "elapsed_seconds": elapsed,

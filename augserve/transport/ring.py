@@ -112,12 +112,12 @@ class SlotRing:
 class SlotReader:
     """The client's mapping of a server's shared-memory ring."""
 
-    def __init__(self, name: str, slot_bytes: int, slot_count: int) -> None:
+    def __init__(self, name: str, slot_bytes: int) -> None:
         if not SEGMENT_PATTERN.match(name):
             raise ValueError(f"not an augserve segment name: {name!r}")
         fd = os.open(SHM_DIR / name, os.O_RDWR)
         try:
-            self._map = mmap.mmap(fd, slot_bytes * slot_count)
+            self._map = mmap.mmap(fd, os.fstat(fd).st_size)
         finally:
             os.close(fd)
         self._memory = np.frombuffer(self._map, np.uint8)

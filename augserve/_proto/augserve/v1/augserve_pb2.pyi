@@ -92,7 +92,7 @@ class AugmentSpec(_message.Message):
     def __init__(self, ops: _Optional[_Iterable[_Union[Op, _Mapping]]] = ..., fill_mode: _Optional[str] = ..., fill_value: _Optional[int] = ...) -> None: ...
 
 class OpenSession(_message.Message):
-    __slots__ = ("dataset", "split", "spec", "batch_size", "seed", "epochs", "shard_index", "shard_count", "transport", "prefetch", "resume_token", "on_bad_image", "drop_last", "eval_size", "group_policy", "shm_probe_name", "shm_probe_nonce")
+    __slots__ = ("dataset", "split", "spec", "batch_size", "seed", "epochs", "shard_index", "shard_count", "transport", "prefetch", "resume_token", "on_bad_image", "drop_last", "eval_size", "group_policy", "shm_probe_name", "shm_probe_nonce", "group_size")
     DATASET_FIELD_NUMBER: _ClassVar[int]
     SPLIT_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
@@ -110,6 +110,7 @@ class OpenSession(_message.Message):
     GROUP_POLICY_FIELD_NUMBER: _ClassVar[int]
     SHM_PROBE_NAME_FIELD_NUMBER: _ClassVar[int]
     SHM_PROBE_NONCE_FIELD_NUMBER: _ClassVar[int]
+    GROUP_SIZE_FIELD_NUMBER: _ClassVar[int]
     dataset: str
     split: Split
     spec: AugmentSpec
@@ -127,7 +128,8 @@ class OpenSession(_message.Message):
     group_policy: GroupPolicy
     shm_probe_name: str
     shm_probe_nonce: bytes
-    def __init__(self, dataset: _Optional[str] = ..., split: _Optional[_Union[Split, str]] = ..., spec: _Optional[_Union[AugmentSpec, _Mapping]] = ..., batch_size: _Optional[int] = ..., seed: _Optional[int] = ..., epochs: _Optional[int] = ..., shard_index: _Optional[int] = ..., shard_count: _Optional[int] = ..., transport: _Optional[_Union[Transport, str]] = ..., prefetch: _Optional[int] = ..., resume_token: _Optional[bytes] = ..., on_bad_image: _Optional[_Union[BadImagePolicy, str]] = ..., drop_last: _Optional[bool] = ..., eval_size: _Optional[_Iterable[int]] = ..., group_policy: _Optional[_Union[GroupPolicy, str]] = ..., shm_probe_name: _Optional[str] = ..., shm_probe_nonce: _Optional[bytes] = ...) -> None: ...
+    group_size: int
+    def __init__(self, dataset: _Optional[str] = ..., split: _Optional[_Union[Split, str]] = ..., spec: _Optional[_Union[AugmentSpec, _Mapping]] = ..., batch_size: _Optional[int] = ..., seed: _Optional[int] = ..., epochs: _Optional[int] = ..., shard_index: _Optional[int] = ..., shard_count: _Optional[int] = ..., transport: _Optional[_Union[Transport, str]] = ..., prefetch: _Optional[int] = ..., resume_token: _Optional[bytes] = ..., on_bad_image: _Optional[_Union[BadImagePolicy, str]] = ..., drop_last: _Optional[bool] = ..., eval_size: _Optional[_Iterable[int]] = ..., group_policy: _Optional[_Union[GroupPolicy, str]] = ..., shm_probe_name: _Optional[str] = ..., shm_probe_nonce: _Optional[bytes] = ..., group_size: _Optional[int] = ...) -> None: ...
 
 class Credit(_message.Message):
     __slots__ = ("batches",)
@@ -194,7 +196,7 @@ class Tensor(_message.Message):
     def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class Batch(_message.Message):
-    __slots__ = ("sequence", "epoch", "position", "count", "images", "slot", "labels", "sample_ids", "resume_token", "skipped")
+    __slots__ = ("sequence", "epoch", "position", "count", "images", "slot", "labels", "sample_ids", "resume_token", "skipped", "shm_name")
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
@@ -205,6 +207,7 @@ class Batch(_message.Message):
     SAMPLE_IDS_FIELD_NUMBER: _ClassVar[int]
     RESUME_TOKEN_FIELD_NUMBER: _ClassVar[int]
     SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    SHM_NAME_FIELD_NUMBER: _ClassVar[int]
     sequence: int
     epoch: int
     position: int
@@ -215,7 +218,8 @@ class Batch(_message.Message):
     sample_ids: _containers.RepeatedScalarFieldContainer[int]
     resume_token: bytes
     skipped: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, sequence: _Optional[int] = ..., epoch: _Optional[int] = ..., position: _Optional[int] = ..., count: _Optional[int] = ..., images: _Optional[_Union[Tensor, _Mapping]] = ..., slot: _Optional[int] = ..., labels: _Optional[_Iterable[int]] = ..., sample_ids: _Optional[_Iterable[int]] = ..., resume_token: _Optional[bytes] = ..., skipped: _Optional[_Iterable[str]] = ...) -> None: ...
+    shm_name: str
+    def __init__(self, sequence: _Optional[int] = ..., epoch: _Optional[int] = ..., position: _Optional[int] = ..., count: _Optional[int] = ..., images: _Optional[_Union[Tensor, _Mapping]] = ..., slot: _Optional[int] = ..., labels: _Optional[_Iterable[int]] = ..., sample_ids: _Optional[_Iterable[int]] = ..., resume_token: _Optional[bytes] = ..., skipped: _Optional[_Iterable[str]] = ..., shm_name: _Optional[str] = ...) -> None: ...
 
 class EpochEnd(_message.Message):
     __slots__ = ("epoch", "samples", "skipped")
