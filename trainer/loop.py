@@ -360,7 +360,7 @@ def _run(trainer: Trainer, resume: str | Path | None) -> TrainSummary:
         resume_tokens=trainer.state.resume_tokens[0] if trainer.state.resume_tokens else (),
         spec=data.augment_spec(), batch_size=data.batch_size, seed=data.seed,
         epochs=0 if endless else data.epochs, transport=data.transport, prefetch=data.prefetch,
-        group_policy=data.group_policy,
+        group_policy=data.group_policy, group_size=data.group_size,
     )
     batches_per_epoch = data.steps_per_epoch or max(
         distributed.gather(stream.facts.batches_per_epoch, ranks)

@@ -43,6 +43,7 @@ class DataConfig:
     transport: str = "auto"
     prefetch: int = 4
     group_policy: str = "lockstep"
+    group_size: int = 0  # trainers expected on this same stream (a sweep sets it)
     validate: bool = True
 
     def __post_init__(self) -> None:
@@ -63,6 +64,7 @@ class DataConfig:
         check_choice("transport", self.transport, TRANSPORTS)
         check_integer("prefetch", self.prefetch, low=1, high=64)
         check_choice("group_policy", self.group_policy, GROUP_POLICIES)
+        check_integer("group_size", self.group_size, low=0, high=1024)
         check_bool("validate", self.validate)
 
     def augment_spec(self) -> AugmentSpec:

@@ -1,0 +1,72 @@
+"""The sweep and the main job: runs planned from grids and random spaces, trained concurrently
+against one shared server, ranked, tabulated and plotted."""
+
+from __future__ import annotations
+
+import csv
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from augserve.errors import SpecError
+from trainer.sweep import plan_runs
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_grid_random_and_explicit_runs_are_planned_and_validated():
+    sweep = {
+        "base": {"data": {"dataset": "demo"}, "optimizer": {"name": "sgd"}},
+        "runs": [{"name": "baseline"}],
+        "grid": {"optimizer.name": ["sgd", "adam"], "optimizer.learning_rate": [0.1, 0.01]},
+        "random": {"samples": 3, "seed": 1, "space": {"optimizer.learning_rate": {"log_uniform": [1e-4, 1e-1]}, "loss.l2": [0.0, 1e-4]}},
+    }
+    plans = plan_runs(sweep, {"data.epochs": 2})
+    assert len(plans) == 1 + 4 + 3
+    assert plans[0].name == "baseline"
+    assert {(p.config.optimizer.name, p.config.optimizer.learning_rate) for p in plans[1:5]} == {
+        ("sgd", 0.1), ("sgd", 0.01), ("adam", 0.1), ("adam", 0.01)
+    }
+    assert all(1e-4 <= p.config.optimizer.learning_rate <= 1e-1 for p in plans[5:])
+    assert all(p.config.data.epochs == 2 for p in plans)
+    assert plans[5:] == plan_runs(sweep, {"data.epochs": 2})[5:]  # seeded
+    assert len({p.name for p in plans}) == len(plans)
+
+
+@pytest.mark.parametrize(
+    "sweep,field",
+    [
+        ({"grids": {}}, "grids"),
+        ({"runs": [{"optimizer.name": "lbfgs"}]}, "runs[0].optimizer.name"),
+        ({"random": {"samples": 1, "space": {"loss.l2": "big"}}}, "random.space.loss.l2"),
+    ],
+)
+def test_invalid_sweeps_name_the_field(sweep, field):
+    with pytest.raises(SpecError) as caught:
+        plan_runs(sweep, {})
+    assert caught.value.field == field
+
+
+def test_main_job_runs_end_to_end_and_lists_every_run(demo_root, tmp_path):
+    """The README's main command, with one epoch instead of eight."""
+    command = [
+        sys.executable, "-m", "trainer.sweep", "--config", str(ROOT / "configs" / "demo_sweep.yaml"),
+        "--serve-demo", "--backend", "opencv", "--output", str(tmp_path), "--set", "data.epochs=1",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    names = ["sgd-momentum+l2", "adam", "adamw+l1", "full-batch-gd"]
+    board = result.stdout.split("rank", 1)[1]
+    assert all(name in board for name in names)
+    with open(tmp_path / "leaderboard.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert sorted(row["run"] for row in rows) == sorted(names)
+    assert all(row["exit_code"] == "0" and row["epochs"] == "1" for row in rows)
+    for plot in ("val_accuracy.png", "val_loss.png", "train_data_loss.png"):
+        assert (tmp_path / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # One production fed all four trainers' training streams (validation streams are their own).
+    produced, delivered = map(int, re.search(r"produced (\d+) batches and delivered (\d+)", result.stderr).groups())
+    assert delivered >= 3 * produced - 30, (produced, delivered)
