@@ -83,7 +83,10 @@ def _server_config(args: argparse.Namespace) -> Any:
             settings = yaml.safe_load(handle) or {}
         if not isinstance(settings, dict):
             raise SpecError("config", "expected a mapping")
-    known = {"host", "port", "backend", "threads", "datasets", "limits", "grace_seconds"}
+    known = {
+        "host", "port", "backend", "threads", "datasets", "limits", "grace_seconds", "metrics_port", "metrics_host",
+        "tls_cert", "tls_key", "tls_client_ca", "token_file",
+    }
     for key in settings:
         if key not in known:
             raise SpecError(f"config.{key}", f"unknown key; known: {sorted(known)}")
@@ -115,7 +118,22 @@ def _server_config(args: argparse.Namespace) -> Any:
         datasets=datasets,
         limits=Limits(**limit_settings),
         grace_seconds=float(settings.get("grace_seconds", 10.0)),
+        metrics_port=args.metrics_port if args.metrics_port is not None else settings.get("metrics_port"),
+        metrics_host=args.metrics_host or settings.get("metrics_host"),
+        tls=_tls_files(args, settings),
+        token_file=args.token_file or settings.get("token_file"),
     )
+
+
+def _tls_files(args: argparse.Namespace, settings: dict[str, Any]) -> Any:
+    from augserve.security import TlsFiles
+
+    certificate = args.tls_cert or settings.get("tls_cert")
+    key = args.tls_key or settings.get("tls_key")
+    client_ca = args.tls_client_ca or settings.get("tls_client_ca")
+    if not (certificate or key or client_ca):
+        return None
+    return TlsFiles(certificate, key, client_ca)
 
 
 def serve_command(args: argparse.Namespace) -> int:
@@ -166,6 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve_parser.add_argument("--validation-fraction", type=float, default=0.0,
                               help="fraction of each class held out as the validation split (default 0)")
     serve_parser.add_argument("--split-seed", type=int, default=0)
+    serve_parser.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (off by default)")
+    serve_parser.add_argument("--metrics-host", help="address of the metrics endpoint (default: --host)")
+    serve_parser.add_argument("--tls-cert", help="PEM certificate: serve TLS (with --tls-key)")
+    serve_parser.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    serve_parser.add_argument("--tls-client-ca", help="PEM CA: require client certificates it signed (mutual TLS)")
+    serve_parser.add_argument("--token-file", help="bearer tokens, one per line (also AUGSERVE_TOKENS=a,b)")
     serve_parser.add_argument("--max-sessions", dest="max_sessions", type=int)
     serve_parser.add_argument("--max-batch-size", dest="max_batch_size", type=int)
     serve_parser.add_argument("--max-prefetch", dest="max_prefetch", type=int)

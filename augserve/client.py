@@ -22,6 +22,7 @@ import numpy as np
 
 from augserve._proto.augserve.v1 import augserve_pb2 as pb
 from augserve._proto.augserve.v1 import augserve_pb2_grpc as pb_grpc
+from augserve.security import TlsFiles, channel_credentials, client_token
 from augserve.spec import AugmentSpec
 from augserve.transport.ring import SlotReader, remove_probe, shared_memory_available, write_probe
 from augserve.wire import (
@@ -100,7 +101,14 @@ class EpochSummary:
 class BatchStream:
     """An open session. Iterate it for `ReceivedBatch`es; close it (or use `with`) when done."""
 
-    def __init__(self, stub: pb_grpc.AugmentStub, open_message: pb.OpenSession, probe: str | None, timeout: float | None) -> None:
+    def __init__(
+        self,
+        stub: pb_grpc.AugmentStub,
+        open_message: pb.OpenSession,
+        probe: str | None,
+        timeout: float | None,
+        metadata: tuple[tuple[str, str], ...] = (),
+    ) -> None:
         self._outgoing: queue.Queue[pb.ClientMessage | None] = queue.Queue()
         self._outgoing.put(pb.ClientMessage(open=open_message))
         self._probe = probe
@@ -111,7 +119,7 @@ class BatchStream:
         self.last_resume_token: bytes = open_message.resume_token
         self.epochs: list[EpochSummary] = []
         self.end_reason: str | None = None
-        self._call = stub.Stream(iter(self._outgoing.get, None), timeout=timeout)
+        self._call = stub.Stream(iter(self._outgoing.get, None), timeout=timeout, metadata=metadata)
         try:
             first = next(self._call)
         except grpc.RpcError as error:
@@ -348,26 +356,30 @@ def to_torch(images: np.ndarray, labels: np.ndarray, device: Any, normalize: boo
 
 
 class Client:
-    """A connection to one augserve server."""
+    """A connection to one augserve server. `tls` (its `peer_ca` verifies the server; add a
+    certificate and key for mutual TLS) and `token` (default: $AUGSERVE_TOKEN) when the server
+    asks for them."""
 
-    def __init__(self, endpoint: str, timeout: float | None = None, credentials: grpc.ChannelCredentials | None = None) -> None:
+    def __init__(self, endpoint: str, timeout: float | None = None, token: str | None = None, tls: TlsFiles | None = None) -> None:
         self.endpoint = endpoint
         self.timeout = timeout
-        if credentials is None:
+        if tls is None:
             self._channel = grpc.insecure_channel(endpoint, options=CHANNEL_OPTIONS)
         else:
-            self._channel = grpc.secure_channel(endpoint, credentials, options=CHANNEL_OPTIONS)
+            self._channel = grpc.secure_channel(endpoint, channel_credentials(tls), options=CHANNEL_OPTIONS)
+        token = client_token(token)
+        self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
         self._stub = pb_grpc.AugmentStub(self._channel)
 
     def list_datasets(self) -> list[pb.DatasetInfo]:
         try:
-            return list(self._stub.ListDatasets(pb.ListDatasetsRequest(), timeout=self.timeout or 30).datasets)
+            return list(self._stub.ListDatasets(pb.ListDatasetsRequest(), timeout=self.timeout or 30, metadata=self._metadata).datasets)
         except grpc.RpcError as error:
             raise AugserveClientError.from_rpc(error) from None
 
     def server_info(self) -> pb.ServerInfo:
         try:
-            return self._stub.GetServerInfo(pb.ServerInfoRequest(), timeout=self.timeout or 30)
+            return self._stub.GetServerInfo(pb.ServerInfoRequest(), timeout=self.timeout or 30, metadata=self._metadata)
         except grpc.RpcError as error:
             raise AugserveClientError.from_rpc(error) from None
 
@@ -418,7 +430,7 @@ class Client:
             probe, nonce = write_probe()
             open_message.shm_probe_name = probe
             open_message.shm_probe_nonce = nonce
-        return BatchStream(self._stub, open_message, probe, self.timeout)
+        return BatchStream(self._stub, open_message, probe, self.timeout, self._metadata)
 
     def close(self) -> None:
         self._channel.close()

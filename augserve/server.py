@@ -25,6 +25,8 @@ from augserve.backends import create_backend
 from augserve.backends.base import Backend
 from augserve.datasets import Dataset, load_manifest
 from augserve.errors import SpecError
+from augserve.metrics import MetricsEndpoint
+from augserve.security import TlsFiles, TokenInterceptor, load_tokens, server_credentials
 from augserve.scheduler import FairScheduler
 from augserve.sessions import Limits, Session, SessionManager
 from augserve.spec import eval_spec
@@ -56,10 +58,16 @@ class ServerConfig:
     datasets: dict[str, DatasetConfig] = field(default_factory=dict)
     limits: Limits = field(default_factory=Limits)
     grace_seconds: float = 10.0
+    metrics_port: int | None = None  # Prometheus /metrics on this port (0: any free port)
+    metrics_host: str | None = None  # default: the same address as the gRPC server
+    tls: TlsFiles | None = None  # certificate, key, and a client CA for mutual TLS
+    token_file: str | None = None  # bearer tokens, one per line (and AUGSERVE_TOKENS)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise SpecError("port", f"{self.port} is outside [0, 65535]")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise SpecError("metrics_port", f"{self.metrics_port} is outside [0, 65535]")
         for name in self.datasets:
             if not name or not all(c.isalnum() or c in "-_." for c in name):
                 raise SpecError("datasets", f"dataset name {name!r} must be letters, digits, '-', '_' or '.'")
@@ -166,8 +174,10 @@ class AugserveServer:
         concurrency = 2 if self.backend.name == "opencv" else 1
         self.manager = SessionManager(self.backend, datasets, config.limits, FairScheduler(concurrency))
         message_bytes = config.limits.max_message_bytes
+        self.tokens = load_tokens(config.token_file)
         self.grpc_server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.limits.max_sessions + 16, thread_name_prefix="augserve-rpc"),
+            interceptors=[TokenInterceptor(self.tokens)] if self.tokens else [],
             maximum_concurrent_rpcs=config.limits.max_sessions + 16,
             options=[
                 ("grpc.max_send_message_length", message_bytes),
@@ -180,10 +190,15 @@ class AugserveServer:
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc_server)
-        self.port = self.grpc_server.add_insecure_port(f"{config.host}:{config.port}")
+        address = f"{config.host}:{config.port}"
+        if config.tls is not None:
+            self.port = self.grpc_server.add_secure_port(address, server_credentials(config.tls))
+        else:
+            self.port = self.grpc_server.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"cannot bind {config.host}:{config.port}")
         self._stopped = threading.Event()
+        self.metrics: MetricsEndpoint | None = None
 
     @property
     def address(self) -> str:
@@ -194,6 +209,10 @@ class AugserveServer:
 
     def start(self) -> AugserveServer:
         self.grpc_server.start()
+        if self.config.metrics_port is not None:
+            host = self.config.metrics_host or self.config.host
+            self.metrics = MetricsEndpoint(self.manager, self.device, host, self.config.metrics_port)
+            log.info("Prometheus metrics on http://%s:%d/metrics", host, self.metrics.port)
         for service in ("", SERVICE_NAME):
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info(
@@ -201,8 +220,14 @@ class AugserveServer:
             augserve.__version__, ", ".join(sorted(self.manager.datasets)) or "no datasets", self.address,
             self.backend.name, self.device,
         )
-        if self.config.host not in LOOPBACK_HOSTS:
-            log.warning("listening on %s beyond loopback without TLS or tokens: anyone who reaches it can read these datasets", self.config.host)
+        protections = [name for name, on in (("TLS", self.config.tls is not None), ("bearer tokens", bool(self.tokens))) if on]
+        if protections:
+            log.info("clients need %s", " and ".join(protections))
+        elif self.config.host not in LOOPBACK_HOSTS:
+            log.warning(
+                "!!! listening on %s beyond loopback WITHOUT TLS OR TOKENS: anyone who reaches this port can "
+                "read every dataset served. Use --tls-cert/--tls-key and --token-file. !!!", self.config.host
+            )
         return self
 
     def stop(self, grace: float | None = None) -> None:
@@ -212,6 +237,8 @@ class AugserveServer:
         self.health.enter_graceful_shutdown()
         self.manager.shutdown(timeout=grace)
         self.grpc_server.stop(grace).wait()
+        if self.metrics is not None:
+            self.metrics.close()
         self.backend.close()
         self._stopped.set()
         log.info("augserve stopped")

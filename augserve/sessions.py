@@ -125,14 +125,27 @@ class ProducedBatch:
     references: int = 0
 
 
+PRODUCTION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
 @dataclass
 class Counters:
+    """Totals since the server started (read by GetServerInfo and the metrics endpoint)."""
+
     batches_produced: int = 0
     batches_delivered: int = 0
     images_delivered: int = 0
     images_skipped: int = 0
     sessions_opened: int = 0
     detached: int = 0
+    # Seconds from a producer's turn at the backend to its batch being ready, as a histogram.
+    production_bucket_counts: list[int] = field(default_factory=lambda: [0] * (len(PRODUCTION_BUCKETS) + 1))
+    production_seconds_sum: float = 0.0
+
+    def observe_production(self, seconds: float) -> None:
+        index = next((i for i, bound in enumerate(PRODUCTION_BUCKETS) if seconds <= bound), len(PRODUCTION_BUCKETS))
+        self.production_bucket_counts[index] += 1
+        self.production_seconds_sum += seconds
 
 
 class Producer:
@@ -244,7 +257,9 @@ class Producer:
                     sequence = self.next_sequence
                     ids = self._order_for(epoch)[position : position + self.key.batch_size]
                 try:
+                    started = time.perf_counter()
                     batch = self._produce(epoch, ids, slot)
+                    production_seconds = time.perf_counter() - started
                 except BaseException as error:
                     with manager.condition:
                         self.error = error
@@ -277,6 +292,7 @@ class Producer:
                     self.cursor = next_cursor
                     manager.counters.batches_produced += 1
                     manager.counters.images_skipped += len(batch.skipped)
+                    manager.counters.observe_production(production_seconds)
                     manager.condition.notify_all()
         finally:
             with manager.condition:
@@ -344,6 +360,7 @@ class Session:
         self.next_sequence = 0  # in the producer's numbering
         self.granted = self.prefetch  # batches the client has room for, in total
         self.sent = 0  # batches sent; also the session's own sequence number
+        self.images_sent = 0
         self.held: dict[tuple[int, int], None] = {}  # (producer id, sequence) still referenced
         self.outstanding: dict[int, tuple[Producer, int]] = {}  # shm: session sequence -> slot owner
         self.last_token = b""
@@ -454,6 +471,7 @@ class Session:
                 self.last_progress = time.monotonic()
                 message = self._batch_message(producer, batch)
                 self.sent += 1
+                self.images_sent += len(batch.sample_ids)
                 manager.counters.batches_delivered += 1
                 manager.counters.images_delivered += len(batch.sample_ids)
             if not self.key.shared_memory:

@@ -52,6 +52,7 @@ FLAG_FIELDS = {
     "log_every": "run.log_every",
     "checkpoint_every": "run.checkpoint_every",
     "threads": "run.threads",
+    "metrics_port": "run.metrics_port",
 }
 KERAS_FLAGS = (
     "rotation_range", "width_shift_range", "height_shift_range", "zoom_range", "shear_range",
@@ -120,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--log-every", type=int)
     run.add_argument("--checkpoint-every", type=int, help="optimizer steps between mid-epoch checkpoints")
     run.add_argument("--threads", type=int, help="torch CPU threads")
+    run.add_argument("--metrics-port", type=int, help="serve Prometheus metrics (data-wait fraction, images/s, loss) here")
     return parser
 
 

@@ -26,7 +26,7 @@ from augserve.client import Client, ReceivedBatch, open_stream, to_torch
 from trainer import distributed
 from trainer.distributed import Ranks
 from trainer.losses import LossFunction, build_loss
-from trainer.metrics import MetricsLog, Progress
+from trainer.metrics import MetricsLog, Progress, TrainerGauges
 from trainer.models import build_model
 from trainer.optim import average_gradients, backward_sum, build_optimizer
 from trainer.run_config import TrainConfig
@@ -119,6 +119,7 @@ class Trainer:
     validation_samples: int
     autocast_dtype: torch.dtype | None
     batches_per_epoch: int | None = None  # the longest rank's, known once the stream opens
+    gauges: TrainerGauges | None = None
 
     # --- one step ---
 
@@ -225,6 +226,8 @@ class Trainer:
         }
         if self.ranks.is_main:
             self.metrics.write("step", record)
+            if self.gauges is not None:
+                self.gauges.update(record)
         log.debug("step %(step)d loss %(data_loss).4f acc %(accuracy).3f", record)
 
     # --- validation ---
@@ -308,7 +311,7 @@ def build_trainer(config: TrainConfig, ranks: Ranks) -> Trainer:
         torch.set_num_threads(config.run.threads)
     if config.run.deterministic:
         torch.use_deterministic_algorithms(True)
-    clients = [Client(endpoint, timeout=None) for endpoint in config.data.endpoints]
+    clients = [Client(endpoint, tls=config.data.tls_files()) for endpoint in config.data.endpoints]
     datasets = {info.name: info for info in clients[0].list_datasets()}
     if config.data.dataset not in datasets:
         raise ValueError(f"data.dataset: {config.data.dataset!r} is not served at {config.data.endpoints[0]}; it serves {sorted(datasets)}")
@@ -337,11 +340,16 @@ def train(config: TrainConfig, resume: str | Path | None = None) -> TrainSummary
     """Run training as configured (under torchrun: this rank's part); return the epoch records."""
     ranks = distributed.setup(resolve_device(config.run.device).type)
     trainer = build_trainer(config, ranks)
+    if config.run.metrics_port is not None and ranks.is_main:
+        trainer.gauges = TrainerGauges(config.run.metrics_port)
+        log.info("trainer metrics on http://127.0.0.1:%d/metrics", trainer.gauges.port)
     try:
         return _run(trainer, resume)
     finally:
         for client in trainer.clients:
             client.close()
+        if trainer.gauges is not None:
+            trainer.gauges.close()
         distributed.teardown(ranks)
 
 

@@ -46,6 +46,38 @@ class MetricsLog:
             self._append_csv("epochs.csv", EPOCH_COLUMNS, record)
 
 
+class TrainerGauges:
+    """A Prometheus /metrics endpoint of the trainer (data-wait fraction, images/s, loss,
+    accuracy, epoch, step), updated with every step record; its own registry."""
+
+    NAMES = {
+        "data_wait_fraction": "Fraction of step time spent waiting for batches from augserve",
+        "images_per_second": "Training images per second in the current epoch",
+        "data_loss": "Mean data loss in the current epoch",
+        "accuracy": "Training accuracy in the current epoch",
+        "epoch": "Current epoch",
+        "step": "Optimizer steps taken",
+    }
+
+    def __init__(self, port: int, host: str = "127.0.0.1") -> None:
+        from prometheus_client import CollectorRegistry, Gauge, start_http_server
+
+        self.registry = CollectorRegistry()
+        self.gauges = {name: Gauge(f"augserve_trainer_{name}", text, registry=self.registry) for name, text in self.NAMES.items()}
+        self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
+        self.port = self._server.server_port
+
+    def update(self, record: dict[str, Any]) -> None:
+        for name, gauge in self.gauges.items():
+            if name in record:
+                gauge.set(record[name])
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+
 class Progress:
     """One self-rewriting line on a terminal; silent elsewhere (logs carry the numbers)."""
 

@@ -13,6 +13,7 @@ from typing import Any, Mapping
 import yaml
 
 from augserve.errors import SpecError
+from augserve.security import TlsFiles
 from augserve.spec import AugmentSpec, load_spec_file
 from trainer.config import check_bool, check_choice, check_integer, config_from_dict, config_to_dict
 from trainer.losses import LossConfig
@@ -45,6 +46,9 @@ class DataConfig:
     group_policy: str = "lockstep"
     group_size: int = 0  # trainers expected on this same stream (a sweep sets it)
     validate: bool = True
+    tls_ca: str | None = None  # PEM CA that signed the servers' certificates: use TLS
+    tls_cert: str | None = None  # client certificate and key, for mutual TLS
+    tls_key: str | None = None  # (the bearer token comes from $AUGSERVE_TOKEN, never a file here)
 
     def __post_init__(self) -> None:
         if not self.endpoints or not all(isinstance(e, str) and e for e in self.endpoints):
@@ -66,6 +70,11 @@ class DataConfig:
         check_choice("group_policy", self.group_policy, GROUP_POLICIES)
         check_integer("group_size", self.group_size, low=0, high=1024)
         check_bool("validate", self.validate)
+
+    def tls_files(self) -> TlsFiles | None:
+        if not (self.tls_ca or self.tls_cert or self.tls_key):
+            return None
+        return TlsFiles(self.tls_cert, self.tls_key, self.tls_ca)
 
     def augment_spec(self) -> AugmentSpec:
         """The training spec: from `spec` or `spec_file`, after a resize to `image_size`."""
@@ -102,6 +111,7 @@ class RunConfig:
     max_steps: int = 0  # stop (with a checkpoint) after this many optimizer steps; 0: no limit
     progress: bool = True
     threads: int = 0  # torch CPU threads (0: torch's default)
+    metrics_port: int | None = None  # Prometheus /metrics of this trainer (rank 0), if set
 
     def __post_init__(self) -> None:
         check_choice("device", self.device.split(":")[0], DEVICES)
@@ -112,6 +122,8 @@ class RunConfig:
         check_integer("max_steps", self.max_steps, low=0)
         check_bool("progress", self.progress)
         check_integer("threads", self.threads, low=0, high=1024)
+        if self.metrics_port is not None:
+            check_integer("metrics_port", self.metrics_port, low=0, high=65535)
 
 
 @dataclass(frozen=True)
