@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping, TypeVar
+from typing import Any, Callable, Mapping, TypeVar
 
 from augserve.errors import SpecError
 
@@ -103,3 +103,22 @@ def config_to_dict(config: Any) -> dict[str, Any]:
         key: list(value) if isinstance(value, tuple) else value
         for key, value in dataclasses.asdict(config).items()
     }
+
+
+Item = TypeVar("Item")
+
+
+def registrar(kind: str, table: dict[str, Item], reserved_prefix: str = "") -> Callable[[str], Callable[[Item], Item]]:
+    """A decorator factory that registers into `table`; a name can be registered once (and
+    none may start with `reserved_prefix`)."""
+
+    def register_name(name: str) -> Callable[[Item], Item]:
+        def register(item: Item) -> Item:
+            if name in table or (reserved_prefix and name.startswith(reserved_prefix)):
+                raise ValueError(f"{kind} {name!r} is already registered or reserved")
+            table[name] = item
+            return item
+
+        return register
+
+    return register_name

@@ -36,6 +36,7 @@ from torch import nn
 
 from trainer.optim import split_parameters
 from trainer.config import (
+    registrar,
     check_bool,
     check_choice,
     check_number,
@@ -63,16 +64,7 @@ class DataLoss:
 DATA_LOSSES: dict[str, type[DataLoss]] = {}
 
 
-def register_loss(name: str) -> Callable[[type[DataLoss]], type[DataLoss]]:
-    """Register a DataLoss class under `name`; registering a name twice is a ValueError."""
-
-    def register(loss_class: type[DataLoss]) -> type[DataLoss]:
-        if name in DATA_LOSSES:
-            raise ValueError(f"loss {name!r} is already registered")
-        DATA_LOSSES[name] = loss_class
-        return loss_class
-
-    return register
+register_loss = registrar("loss", DATA_LOSSES)
 
 
 @register_loss("cross_entropy")

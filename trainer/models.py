@@ -33,6 +33,7 @@ from torch import nn
 
 from augserve.errors import SpecError
 from trainer.config import (
+    registrar,
     check_integer,
     check_integer_tuple,
     check_number,
@@ -48,16 +49,7 @@ ModelFactory = Callable[["ModelConfig", InputShape, int], nn.Module]
 MODELS: dict[str, ModelFactory] = {}
 
 
-def register_model(name: str) -> Callable[[ModelFactory], ModelFactory]:
-    """Register a model factory under `name`; registering a name twice is a ValueError."""
-
-    def register(factory: ModelFactory) -> ModelFactory:
-        if name in MODELS or name.startswith(TORCHVISION_PREFIX):
-            raise ValueError(f"model {name!r} is already registered or reserved")
-        MODELS[name] = factory
-        return factory
-
-    return register
+register_model = registrar("model", MODELS, reserved_prefix=TORCHVISION_PREFIX)
 
 
 @dataclass(frozen=True)

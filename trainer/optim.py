@@ -35,6 +35,7 @@ from torch import nn
 
 from augserve.errors import SpecError
 from trainer.config import (
+    registrar,
     check_bool,
     check_choice,
     check_number,
@@ -48,16 +49,7 @@ OptimizerFactory = Callable[["OptimizerConfig", ParameterGroups], torch.optim.Op
 OPTIMIZERS: dict[str, OptimizerFactory] = {}
 
 
-def register_optimizer(name: str) -> Callable[[OptimizerFactory], OptimizerFactory]:
-    """Register an optimizer factory under `name`; registering a name twice is a ValueError."""
-
-    def register(factory: OptimizerFactory) -> OptimizerFactory:
-        if name in OPTIMIZERS:
-            raise ValueError(f"optimizer {name!r} is already registered")
-        OPTIMIZERS[name] = factory
-        return factory
-
-    return register
+register_optimizer = registrar("optimizer", OPTIMIZERS)
 
 
 @register_optimizer("gd")

@@ -26,7 +26,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Protocol
 
-from trainer.config import check_choice, check_integer, check_number, config_from_dict, config_to_dict
+from trainer.config import check_choice, check_integer, check_number, config_from_dict, config_to_dict, registrar
 
 # --- schedules ---------------------------------------------------------------------------------
 
@@ -40,16 +40,7 @@ class DecayFunction(Protocol):
 DECAYS: dict[str, DecayFunction] = {}
 
 
-def register_decay(name: str) -> Callable[[DecayFunction], DecayFunction]:
-    """Register a decay under `name`; a name can be registered once."""
-
-    def register(function: DecayFunction) -> DecayFunction:
-        if name in DECAYS:
-            raise ValueError(f"schedule {name!r} is already registered")
-        DECAYS[name] = function
-        return function
-
-    return register
+register_decay = registrar("schedule", DECAYS)
 
 
 @register_decay("constant")
