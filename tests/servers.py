@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -13,6 +14,7 @@ from typing import Iterator
 
 from augserve.server import AugserveServer, DatasetConfig, ServerConfig, create_server
 from augserve.sessions import Limits
+from augserve.spec import AugmentSpec
 from augserve.transport.ring import our_segments
 
 
@@ -78,3 +80,23 @@ def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05) -> bool
 
 def own_segments() -> list[Path]:
     return segments_of(os.getpid())
+
+
+STREAMING_CLIENT = """
+import json, sys, time
+from augserve.client import Client
+from augserve.spec import AugmentSpec
+options = json.loads(sys.argv[2])
+spec = AugmentSpec.from_json(options.pop("spec"))
+batches = iter(Client(sys.argv[1]).stream(options.pop("dataset"), spec=spec, **options))
+next(batches); next(batches)
+print("streaming", flush=True)
+time.sleep(600)
+"""
+
+
+def start_streaming_client(address: str, dataset: str, spec: AugmentSpec, **options: object) -> subprocess.Popen:
+    """A client process that reads two batches, prints 'streaming' and waits to be killed.
+    Use it as a context manager (closes its pipe)."""
+    arguments = json.dumps({"dataset": dataset, "spec": spec.to_json(), **options})
+    return subprocess.Popen([sys.executable, "-c", STREAMING_CLIENT, address, arguments], stdout=subprocess.PIPE, text=True)

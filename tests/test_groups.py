@@ -3,9 +3,6 @@ and stalled members, fairness between different streams, and the memory budget."
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import textwrap
 import threading
 import time
 from pathlib import Path
@@ -17,7 +14,7 @@ from augserve.client import AugserveClientError, Client
 from augserve.demo import DemoConfig, ensure_demo_dataset
 from augserve.server import DatasetConfig
 from augserve.spec import AugmentSpec
-from servers import running_server, wait_until
+from servers import running_server, start_streaming_client, wait_until
 
 SPEC = AugmentSpec.from_dict({"ops": [{"rotate": {"degrees": 20}}, {"flip": {}}, {"random_resized_crop": {"size": 24}}]})
 
@@ -99,21 +96,6 @@ def test_a_slow_member_is_waited_for_or_detached(dataset_root, policy):
         assert slow_done - fast_done > 0.5
 
 
-KILLED_MEMBER = textwrap.dedent(
-    """
-    import sys, time
-    from augserve.client import Client
-    from augserve.spec import AugmentSpec
-    spec = AugmentSpec.from_dict({"ops": [{"rotate": {"degrees": 20}}, {"flip": {}}, {"random_resized_crop": {"size": 24}}]})
-    stream = Client(sys.argv[1]).stream("shapes", spec=spec, batch_size=8, epochs=2, group_size=3, transport=sys.argv[2])
-    batches = iter(stream)
-    next(batches); next(batches)
-    print("streaming", flush=True)
-    time.sleep(600)
-    """
-)
-
-
 @pytest.mark.parametrize("transport", ["shared_memory", "inband"])
 def test_a_member_killed_mid_epoch_does_not_stop_its_group(dataset_root, transport):
     with running_server({"shapes": DatasetConfig(str(dataset_root))}, stall_seconds=60) as server:
@@ -123,7 +105,7 @@ def test_a_member_killed_mid_epoch_does_not_stop_its_group(dataset_root, transpo
                              kwargs={"epochs": 2, "group_size": 3, "delay": 0.02, "transport": transport})
             for name in ("a", "b")
         ]
-        child = subprocess.Popen([sys.executable, "-c", KILLED_MEMBER, server.address, transport], stdout=subprocess.PIPE, text=True)
+        child = start_streaming_client(server.address, "shapes", SPEC, batch_size=8, epochs=2, group_size=3, transport=transport)
         with child:
             for thread in threads:
                 thread.start()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import textwrap
 import threading
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from augserve.demo import DemoConfig, ensure_demo_dataset
 from augserve.server import DatasetConfig
 from augserve.spec import AugmentSpec
 from augserve.wire import spec_to_proto
-from servers import ServerProcess, own_segments, running_server, segments_of, wait_until
+from servers import ServerProcess, own_segments, running_server, segments_of, start_streaming_client, wait_until
 
 SPEC = AugmentSpec.from_dict({"ops": [{"rotate": {"degrees": 15}}, {"random_resized_crop": {"size": 24}}]})
 
@@ -170,25 +169,9 @@ def test_client_disconnect_releases_session_and_slots(server):
         assert wait_until(lambda: client.server_info().live_sessions == 0 and not own_segments())
 
 
-KILLED_CLIENT = textwrap.dedent(
-    """
-    import sys, time
-    from augserve.client import Client
-    from augserve.spec import AugmentSpec
-    spec = AugmentSpec.from_dict({"ops": [{"random_resized_crop": {"size": 24}}]})
-    client = Client(sys.argv[1])
-    stream = client.stream("shapes", spec=spec, batch_size=4, epochs=0, transport=sys.argv[2])
-    batches = iter(stream)
-    next(batches); next(batches)
-    print("streaming", flush=True)
-    time.sleep(600)
-    """
-)
-
-
 @pytest.mark.parametrize("transport", ["shared_memory", "inband"])
 def test_client_killed_with_sigkill_releases_everything(server, transport):
-    child = subprocess.Popen([sys.executable, "-c", KILLED_CLIENT, server.address, transport], stdout=subprocess.PIPE, text=True)
+    child = start_streaming_client(server.address, "shapes", SPEC, batch_size=4, epochs=0, transport=transport)
     with child:
         assert child.stdout.readline().strip() == "streaming"
         with Client(server.address) as client:
