@@ -89,3 +89,30 @@ def inspect_image(data: bytes, source: str, max_pixels: int = DEFAULT_MAX_PIXELS
     if orientation not in range(1, 9):
         orientation = 1  # an invalid tag means upright, as in every viewer
     return ImageHeader(image_format, height, width, orientation)
+
+
+class HeaderCache:
+    """`inspect_image` verdicts by file identity, so a file is checked once rather than every
+    epoch by every producer. An entry holds while the file keeps its size and modification time
+    (a decoder still rejects data that changed without either)."""
+
+    def __init__(self, max_entries: int = 4_000_000) -> None:
+        self.max_entries = max_entries
+        self._verdicts: dict[tuple[str, int, int, int], ImageHeader | str] = {}
+
+    def inspect(self, data: bytes, source: str, identity: tuple[int, int] | None, max_pixels: int) -> ImageHeader:
+        """As `inspect_image`; `identity` is (byte size, modification time in ns) or None."""
+        if identity is None:
+            return inspect_image(data, source, max_pixels)
+        key = (source, identity[0], identity[1], max_pixels)
+        verdict = self._verdicts.get(key)
+        if verdict is None:
+            try:
+                verdict = inspect_image(data, source, max_pixels)
+            except BadImageError as error:
+                verdict = error.reason
+            if len(self._verdicts) < self.max_entries:
+                self._verdicts[key] = verdict
+        if isinstance(verdict, str):
+            raise BadImageError(source, verdict)
+        return verdict

@@ -10,7 +10,7 @@ import numpy as np
 
 from augserve.backends.base import Backend
 from augserve.errors import BadImageError, SpecError
-from augserve.images import DEFAULT_MAX_PIXELS, inspect_image
+from augserve.images import DEFAULT_MAX_PIXELS, HeaderCache, inspect_image
 from augserve.plan import SamplePlan, make_plan
 from augserve.spec import AugmentSpec
 
@@ -37,12 +37,14 @@ class BadImagePolicy:
 
 @dataclass(frozen=True)
 class SourceImage:
-    """An encoded image and what identifies it: `source` names it in errors (its path)."""
+    """An encoded image and what identifies it: `source` names it in errors (its path);
+    `identity` (byte size, modification time in ns) lets a `HeaderCache` remember its check."""
 
     sample_id: int
     label: int
     source: str
     data: bytes
+    identity: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -70,11 +72,13 @@ def augment_batch(
     sources: Sequence[SourceImage],
     policy: BadImagePolicy = BadImagePolicy(),
     out: np.ndarray | None = None,
+    headers: HeaderCache | None = None,
 ) -> Batch:
     """Augment `sources` with the plans of (seed, epoch, sample_id).
 
     With `out` ([len(sources), H, W, 3] uint8, e.g. a shared-memory slot) the images are
-    written there and the batch's images are its first rows.
+    written there and the batch's images are its first rows. `headers` remembers header checks
+    across batches.
     """
     skipped: list[SkippedImage] = []
     usable: list[SourceImage] = []
@@ -87,7 +91,10 @@ def augment_batch(
 
     for source in sources:
         try:
-            header = inspect_image(source.data, source.source, policy.max_pixels)
+            if headers is None:
+                header = inspect_image(source.data, source.source, policy.max_pixels)
+            else:
+                header = headers.inspect(source.data, source.source, source.identity, policy.max_pixels)
         except BadImageError as error:
             reject(source, error.reason)
             continue

@@ -22,6 +22,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from augserve._proto.augserve.v1 import augserve_pb2 as pb
 from augserve.backends.base import Backend
 from augserve.datasets import Dataset, epoch_order
 from augserve.errors import BadImageError, LimitError, NotFoundError, SpecError, UnavailableError
+from augserve.images import HeaderCache
 from augserve.produce import BadImagePolicy, SourceImage, augment_batch
 from augserve.scheduler import FairScheduler
 from augserve.spec import MAX_OPS, AugmentSpec
@@ -306,17 +308,22 @@ class Producer:
         sources = []
         for sample_id in ids.tolist():
             path = manifest.path(sample_id)
+            identity = None
             try:
                 with open(path, "rb") as handle:
+                    status = os.fstat(handle.fileno())
+                    identity = (status.st_size, status.st_mtime_ns)
                     data = handle.read()
             except OSError as error:
                 data = b""  # an unreadable file is a bad image: policy decides
                 log.warning("cannot read %s: %s", path, error)
-            sources.append(SourceImage(sample_id, int(manifest.labels[sample_id]), path, data))
+            sources.append(SourceImage(sample_id, int(manifest.labels[sample_id]), path, data, identity))
         out = self.ring.view(slot, (len(ids), *self.output_size, 3))
         policy = self.manager.request_policy(self.key)
         with self.manager.scheduler.turn():
-            return augment_batch(self.manager.backend, self.spec, self.key.seed, epoch, sources, policy, out=out)
+            return augment_batch(
+                self.manager.backend, self.spec, self.key.seed, epoch, sources, policy, out=out, headers=self.manager.headers
+            )
 
     # --- references (called with the manager's lock held) ---
 
@@ -524,6 +531,7 @@ class SessionManager:
     sessions: dict[str, Session] = field(default_factory=dict)
     producers: dict[int, Producer] = field(default_factory=dict)
     counters: Counters = field(default_factory=Counters)
+    headers: HeaderCache = field(default_factory=HeaderCache)
     shutting_down: bool = False
 
     # --- opening ---

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from augserve.errors import BadImageError
-from augserve.images import inspect_image
+from augserve import images as images_module
+from augserve.images import HeaderCache, inspect_image
 from augserve.produce import BadImagePolicy
 from helpers import encode, run_images, spec_of
 
@@ -97,3 +98,26 @@ def test_damage_the_jpeg_library_recovers_from_is_decoded_alike(opencv_backend, 
     actual = run_images(dali_backend, SPEC, [damaged])
     assert expected.images.shape == actual.images.shape == (1, 32, 32, 3)
     assert np.abs(expected.images.astype(int) - actual.images).max() <= 2
+
+
+def test_header_cache_checks_a_file_once_and_rechecks_when_it_changes(good_images):
+    cache = HeaderCache()
+    calls = []
+    original = images_module.inspect_image
+
+    def counting(data, source, max_pixels):
+        calls.append(source)
+        return original(data, source, max_pixels)
+
+    images_module.inspect_image = counting
+    try:
+        for _ in range(3):
+            assert cache.inspect(good_images[0], "a.jpg", (100, 1), 10**6).width == 64
+            with pytest.raises(BadImageError, match="empty file"):
+                cache.inspect(b"", "b.jpg", (0, 1), 10**6)
+        assert calls == ["a.jpg", "b.jpg"]
+        cache.inspect(good_images[0], "a.jpg", (100, 2), 10**6)  # modified: checked again
+        cache.inspect(good_images[0], "a.jpg", None, 10**6)  # no identity: always checked
+        assert calls == ["a.jpg", "b.jpg", "a.jpg", "a.jpg"]
+    finally:
+        images_module.inspect_image = original

@@ -123,7 +123,8 @@ def test_a_stalled_member_is_detached_after_stall_seconds(dataset_root):
     with running_server({"shapes": DatasetConfig(str(dataset_root))}, stall_seconds=1.0, group_window=2) as server:
         client = Client(server.address)
         stalled = client.stream("shapes", spec=SPEC, batch_size=8, epochs=0, prefetch=1)
-        next(iter(stalled))  # then never asks for more
+        held = iter(stalled)
+        next(held)  # then never asks for more (keeping the iterator, so nothing is acknowledged)
         started = time.monotonic()
         with Client(server.address) as other, other.stream("shapes", spec=SPEC, batch_size=8, epochs=0, prefetch=1) as stream:
             assert stream.facts.shared  # joined the stalled member's group at the start

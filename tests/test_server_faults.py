@@ -254,3 +254,21 @@ def test_generated_stubs_are_current(tmp_path):
     for generated in sorted((tmp_path / "augserve" / "_proto").rglob("*_pb2*.py*")):
         checked_in = root / generated.relative_to(tmp_path)
         assert checked_in.read_text() == generated.read_text(), f"{checked_in} is stale: run scripts/generate_protos.py"
+
+
+def test_stale_probe_files_are_removed_at_start(tmp_path):
+    import os
+    import time
+
+    from augserve.transport.ring import SHM_DIR, remove_stale_segments, write_probe
+
+    old_name, _ = write_probe()
+    fresh_name, _ = write_probe()
+    long_ago = time.time() - 3600
+    os.utime(SHM_DIR / old_name, (long_ago, long_ago))
+    try:
+        remove_stale_segments()
+        assert not (SHM_DIR / old_name).exists() and (SHM_DIR / fresh_name).exists()
+    finally:
+        (SHM_DIR / fresh_name).unlink(missing_ok=True)
+        (SHM_DIR / old_name).unlink(missing_ok=True)

@@ -15,6 +15,7 @@ import mmap
 import os
 import re
 import secrets
+import time
 from pathlib import Path
 
 import numpy as np
@@ -53,14 +54,28 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
+PROBE_MAX_AGE_SECONDS = 60.0
+
+
 def remove_stale_segments() -> int:
-    """Unlink segments left by this user's augserve processes that no longer run."""
+    """Unlink segments left by this user's augserve processes that no longer run, and probe
+    files older than a minute (a client killed between writing and removing its probe)."""
     removed = 0
     for path in our_segments():
         match = SEGMENT_PATTERN.match(path.name)
         if match and not _process_alive(int(match.group(2))):
             path.unlink(missing_ok=True)
             removed += 1
+    if SHM_DIR.is_dir():
+        now = time.time()
+        for path in SHM_DIR.glob("augserve-probe-*"):
+            try:
+                status = path.stat()
+            except OSError:
+                continue
+            if PROBE_PATTERN.match(path.name) and status.st_uid == os.getuid() and now - status.st_mtime > PROBE_MAX_AGE_SECONDS:
+                path.unlink(missing_ok=True)
+                removed += 1
     if removed:
         log.info("removed %d stale shared-memory segments of earlier servers", removed)
     return removed
