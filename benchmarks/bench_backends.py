@@ -26,16 +26,13 @@ threads, and a "1 thread" cell really uses one core for the pixel work.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from importlib.metadata import PackageNotFoundError, version
 
 # albumentations checks PyPI for a newer release on import; a benchmark must not touch the network.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -44,6 +41,18 @@ import albumentations as A
 import cv2
 import numpy as np
 import skimage.data
+
+# common sits beside this file: `python benchmarks/bench_backends.py` puts this folder on
+# sys.path.
+from common import (
+    JPEG_QUALITY,
+    SAMPLE_PHOTOS,
+    check_range,
+    library_versions,
+    machine_info,
+    print_machine,
+    write_json,
+)
 
 from augserve.backends.dali import DaliBackend, dali_available
 from augserve.backends.opencv import OpenCVBackend, apply_plan, decode_stored
@@ -63,20 +72,16 @@ SPEC = {
     ]
 }
 OUTPUT_SIZE = 224
-# Photos bundled with scikit-image (no download needed).
-SAMPLE_PHOTOS = (
-    "astronaut",
-    "chelsea",
-    "coffee",
-    "rocket",
-    "immunohistochemistry",
-    "hubble_deep_field",
-    "retina",
-)
 # Input sets: name -> (width, height), as cv2.resize takes it.
 INPUT_SIZES = {"256×256": (256, 256), "500×375": (500, 375)}
-JPEG_QUALITY = 90
 SEED = 0
+VERSIONED_PACKAGES = (
+    "augserve",
+    "numpy",
+    "opencv-python-headless",
+    "albumentations",
+    "scikit-image",
+)
 
 OPENCV = "augserve opencv"
 DALI_CPU = "augserve dali-cpu"
@@ -118,10 +123,8 @@ class BenchConfig:
     json_path: str | None = None
 
     def __post_init__(self) -> None:
-        if not 0.1 <= self.seconds <= 600:
-            raise ValueError(f"seconds: expected a number in [0.1, 600], got {self.seconds}")
-        if not 1 <= self.batch_size <= 256:
-            raise ValueError(f"batch_size: expected an integer in [1, 256], got {self.batch_size}")
+        check_range("seconds", self.seconds, 0.1, 600)
+        check_range("batch_size", self.batch_size, 1, 256)
         if not self.thread_counts or min(self.thread_counts) < 1:
             raise ValueError(f"thread_counts: expected positive counts, got {self.thread_counts}")
 
@@ -397,33 +400,8 @@ def plan_draws_per_second(seconds: float) -> float:
 # --- reporting -------------------------------------------------------------------------------
 
 
-def machine_info() -> dict[str, object]:
-    cpu_model = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    cpu_model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {
-        "platform": platform.platform(),
-        "cpu_model": cpu_model,
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-    }
-
-
-def library_versions() -> dict[str, str]:
-    versions = {}
-    packages = ("augserve", "numpy", "opencv-python-headless", "albumentations", "scikit-image")
-    for package in packages:
-        try:
-            versions[package] = version(package)
-        except PackageNotFoundError:
-            versions[package] = "not installed"
-    versions["cv2"] = cv2.__version__
+def versions_with_dali() -> dict[str, str]:
+    versions = library_versions(VERSIONED_PACKAGES)
     if dali_available():
         import nvidia.dali
 
@@ -510,7 +488,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     config = parse_args(argv)
     cv2.setNumThreads(1)  # see the module docstring: parallelism comes from worker threads only
     machine = machine_info()
-    versions = library_versions()
+    versions = versions_with_dali()
     timed_cells = len(INPUT_SIZES) * len(config.thread_counts) * (len(ROWS) - 1)
     print(
         f"Measuring {timed_cells} cells of {config.seconds:g} s each "
@@ -522,11 +500,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     plans_per_second = plan_draws_per_second(min(config.seconds, 1.0))
     lowest_ratio, target_line = target_summary(cells)
 
-    print(
-        f"Machine: {machine['cpu_count']} CPUs ({machine['cpu_model']}), {machine['platform']}, "
-        f"Python {machine['python']}"
-    )
-    print("Versions: " + ", ".join(f"{name} {value}" for name, value in versions.items()))
+    print_machine(machine, versions)
     print(
         f"Batch size {config.batch_size}; {config.seconds:g} s per cell after one warm-up batch, "
         f"as {ROUNDS} interleaved rounds, median reported; cv2.setNumThreads(1); "
@@ -542,19 +516,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
 
     if config.json_path:
-        report = {
-            "machine": machine,
-            "versions": versions,
-            "config": asdict(config),
-            "spec": SPEC,
-            "cells": [asdict(cell) for cell in cells],
-            "plan_draws_per_second": plans_per_second,
-            "target_ratio": TARGET_RATIO,
-            "lowest_decode_excluded_ratio": lowest_ratio,
-        }
-        with open(config.json_path, "w", encoding="utf-8") as handle:
-            json.dump(report, handle, indent=2, ensure_ascii=False)
-            handle.write("\n")
+        write_json(
+            config.json_path,
+            {
+                "machine": machine,
+                "versions": versions,
+                "config": asdict(config),
+                "spec": SPEC,
+                "cells": [asdict(cell) for cell in cells],
+                "plan_draws_per_second": plans_per_second,
+                "target_ratio": TARGET_RATIO,
+                "lowest_decode_excluded_ratio": lowest_ratio,
+            },
+        )
 
 
 if __name__ == "__main__":
