@@ -24,6 +24,28 @@ EXIF_ORIENTATION = 0x0112
 JPEG_START_OF_SCAN = b"\xff\xda"
 JPEG_END = b"\xff\xd9"
 PNG_END = b"IEND"
+# TIFF can hold floats, bits and more that the two decoders treat differently; these 8-bit
+# modes both decode alike.
+TIFF_MODES = ("L", "RGB", "RGBA")
+
+
+def _jpeg_header_is_contiguous(data: bytes) -> bool:
+    """True when the segments from the start marker to the first scan follow one another
+    without stray bytes (libjpeg skips such bytes with a warning, DALI's parser refuses)."""
+    position = 2
+    while position + 4 <= len(data):
+        if data[position] != 0xFF:
+            return False
+        marker = data[position + 1]
+        if marker == 0xFF:  # fill byte
+            position += 1
+        elif marker == 0xDA:  # start of scan: the header ended well
+            return True
+        elif marker == 0x01 or 0xD0 <= marker <= 0xD9:  # markers without a length
+            position += 2
+        else:
+            position += 2 + int.from_bytes(data[position + 2 : position + 4], "big")
+    return False
 
 
 def _jpeg_scan_has_invalid_marker(data: bytes) -> bool:
@@ -56,12 +78,14 @@ def inspect_image(data: bytes, source: str, max_pixels: int = DEFAULT_MAX_PIXELS
         raise BadImageError(source, "empty file")
     try:
         with warnings.catch_warnings():
-            # PIL warns before it raises on huge images; the limit below is ours to enforce.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            # PIL warns about huge images (the limit below is ours to enforce) and about
+            # damaged metadata that decoders ignore: neither may decide the verdict.
+            warnings.simplefilter("ignore")
             with Image.open(io.BytesIO(data)) as image:
                 image_format = image.format or "unknown"
                 width, height = image.size
                 frames = getattr(image, "n_frames", 1)
+                mode = image.mode
                 # Cameras write the orientation tag into JPEG files; other formats are taken as stored.
                 orientation = image.getexif().get(EXIF_ORIENTATION, 1) if image_format == "JPEG" else 1
     except Image.DecompressionBombError:
@@ -72,6 +96,8 @@ def inspect_image(data: bytes, source: str, max_pixels: int = DEFAULT_MAX_PIXELS
         raise BadImageError(source, f"unreadable image header ({type(error).__name__}: {error})") from None
     if image_format not in SUPPORTED_FORMATS:
         raise BadImageError(source, f"unsupported format {image_format}; supported: {', '.join(SUPPORTED_FORMATS)}")
+    if image_format == "TIFF" and mode not in TIFF_MODES:
+        raise BadImageError(source, f"TIFF of mode {mode} is not supported; supported: {', '.join(TIFF_MODES)}")
     if frames != 1:
         raise BadImageError(source, f"animated {image_format} with {frames} frames is not supported")
     if width <= 0 or height <= 0:
@@ -82,6 +108,8 @@ def inspect_image(data: bytes, source: str, max_pixels: int = DEFAULT_MAX_PIXELS
     # (an embedded thumbnail's end marker comes before it).
     if image_format == "JPEG" and data.rfind(JPEG_END) < data.rfind(JPEG_START_OF_SCAN):
         raise BadImageError(source, "truncated JPEG (no end-of-image marker after the last scan)")
+    if image_format == "JPEG" and not _jpeg_header_is_contiguous(data):
+        raise BadImageError(source, "corrupt JPEG (stray bytes between header segments)")
     if image_format == "JPEG" and _jpeg_scan_has_invalid_marker(data):
         raise BadImageError(source, "corrupt JPEG (invalid marker in the image data)")
     if image_format == "PNG" and PNG_END not in data[-64:]:

@@ -12,9 +12,10 @@ import signal
 import threading
 from concurrent import futures
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -86,6 +87,8 @@ class AugmentServicer(pb_grpc.AugmentServicer):
             first = next(request_iterator, None)
             if first is None:
                 return
+            if isinstance(first, Undecodable):
+                raise first.field_error()
             kind = first.WhichOneof("kind")
             if kind != "open":
                 raise SpecError(kind or "message", "the first message of a stream must be open")
@@ -107,6 +110,8 @@ class AugmentServicer(pb_grpc.AugmentServicer):
                 self.manager.close(session)
 
     def ListDatasets(self, request: pb.ListDatasetsRequest, context: grpc.ServicerContext) -> pb.ListDatasetsResponse:
+        if isinstance(request, Undecodable):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(request.field_error()))
         response = pb.ListDatasetsResponse()
         for name, dataset in sorted(self.manager.datasets.items()):
             manifest = dataset.manifest
@@ -121,6 +126,8 @@ class AugmentServicer(pb_grpc.AugmentServicer):
         return response
 
     def GetServerInfo(self, request: pb.ServerInfoRequest, context: grpc.ServicerContext) -> pb.ServerInfo:
+        if isinstance(request, Undecodable):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(request.field_error()))
         manager = self.manager
         with manager.condition:
             return pb.ServerInfo(
@@ -137,10 +144,56 @@ class AugmentServicer(pb_grpc.AugmentServicer):
             )
 
 
+@dataclass(frozen=True)
+class Undecodable:
+    """A request whose bytes are not the message its method takes."""
+
+    message_type: str
+    error: str
+
+    def field_error(self) -> SpecError:
+        return SpecError("message", f"could not be parsed as {self.message_type} ({self.error})")
+
+
+def _tolerant(message_class: type) -> Callable[[bytes], object]:
+    """A deserializer that hands undecodable bytes to the servicer (which names the problem with
+    INVALID_ARGUMENT) instead of failing inside grpc (INTERNAL)."""
+
+    def deserialize(data: bytes) -> object:
+        try:
+            return message_class.FromString(data)
+        except DecodeError as error:
+            return Undecodable(message_class.DESCRIPTOR.full_name, str(error))
+
+    return deserialize
+
+
+def augment_handlers(servicer: AugmentServicer) -> grpc.GenericRpcHandler:
+    """The Augment service's method handlers, with tolerant request deserializers."""
+    serialize = {name: getattr(pb, name).SerializeToString for name in ("ServerMessage", "ListDatasetsResponse", "ServerInfo")}
+    return grpc.method_handlers_generic_handler(
+        SERVICE_NAME,
+        {
+            "Stream": grpc.stream_stream_rpc_method_handler(
+                servicer.Stream, _tolerant(pb.ClientMessage), serialize["ServerMessage"]
+            ),
+            "ListDatasets": grpc.unary_unary_rpc_method_handler(
+                servicer.ListDatasets, _tolerant(pb.ListDatasetsRequest), serialize["ListDatasetsResponse"]
+            ),
+            "GetServerInfo": grpc.unary_unary_rpc_method_handler(
+                servicer.GetServerInfo, _tolerant(pb.ServerInfoRequest), serialize["ServerInfo"]
+            ),
+        },
+    )
+
+
 def _read_client(request_iterator: Iterator[pb.ClientMessage], session: Session) -> None:
     """Apply credits and slot releases as they arrive; a protocol error ends the session."""
     try:
         for message in request_iterator:
+            if isinstance(message, Undecodable):
+                session.fail(message.field_error())
+                return
             kind = message.WhichOneof("kind")
             if kind == "credit":
                 session.grant(message.credit.batches)
@@ -186,7 +239,7 @@ class AugserveServer:
             ],
         )
         self.device = "cpu" if self.backend.name in ("opencv", "dali-cpu") else f"cuda:{getattr(self.backend, 'device_id', 0)}"
-        pb_grpc.add_AugmentServicer_to_server(AugmentServicer(self.manager, self.device), self.grpc_server)
+        self.grpc_server.add_generic_rpc_handlers((augment_handlers(AugmentServicer(self.manager, self.device)),))
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc_server)

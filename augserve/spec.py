@@ -25,6 +25,7 @@ import yaml
 
 from augserve.errors import SpecError
 from augserve.ops import OPS, OpDef, get_op
+from augserve.ops.registry import MAX_SIDE
 
 FILL_MODES = ("constant", "nearest")
 MAX_OPS = 32
@@ -177,7 +178,7 @@ def load_spec_file(path: str) -> AugmentSpec:
 
 def eval_spec(size: tuple[int, int], resize_ratio: float = 256 / 224) -> AugmentSpec:
     """The usual evaluation transform: resize the shorter side, then centre-crop to `size`."""
-    shorter = int(round(min(size) * resize_ratio))
+    shorter = min(MAX_SIDE, int(round(min(size) * resize_ratio)))
     return AugmentSpec.from_dict(
         {
             "ops": [

@@ -17,6 +17,7 @@ import numpy as np
 
 from augserve._proto.augserve.v1 import augserve_pb2 as pb
 from augserve.errors import SpecError
+from augserve.plan import MAX_EPOCH, MAX_SAMPLE_ID
 from augserve.produce import BadImagePolicy
 from augserve.spec import AugmentSpec
 
@@ -143,7 +144,7 @@ class ResumeToken:
             token = cls(str(fields["stream"]), int(fields["epoch"]), int(fields["position"]))
         except Exception:
             raise SpecError(field, "not a resume token issued by an augserve server") from None
-        if token.epoch < 0 or token.position < 0:
+        if not 0 <= token.epoch <= MAX_EPOCH or not 0 <= token.position <= MAX_SAMPLE_ID:
             raise SpecError(field, "not a resume token issued by an augserve server")
         return token
 

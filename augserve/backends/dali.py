@@ -82,7 +82,10 @@ def dali_warp_matrix(plan: SamplePlan) -> np.ndarray:
     linear, offset = plan.warp[:, :2], plan.warp[:, 2]
     window_x, window_y = plan.source_window[:2]
     offset = offset - np.array([window_x, window_y]) + 0.5 - linear @ np.array([0.5, 0.5])
-    return np.concatenate([linear, offset[:, None]], axis=1).astype(np.float32)
+    matrix = np.concatenate([linear, offset[:, None]], axis=1)
+    # A pile of extreme zooms can leave float32's range; such an output is all fill anyway.
+    limit = float(np.finfo(np.float32).max) / 4
+    return np.clip(matrix, -limit, limit).astype(np.float32)
 
 
 def _build_pipeline(shape: PipelineShape, batch_size: int, threads: int, device_id: int | None):
@@ -231,6 +234,8 @@ class DaliBackend:
 
 
 def _short_reason(error: Exception) -> str:
-    """The last meaningful line of a DALI error (its messages carry a pipeline traceback)."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return "could not be decoded by DALI: " + (lines[-1] if lines else type(error).__name__)
+    """The line of a DALI error that says what failed (its messages carry a pipeline traceback
+    and end with a note that the pipeline is no longer valid)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip() and "no longer valid" not in line]
+    telling = [line for line in lines if "decod" in line.lower()] or lines
+    return "could not be decoded by DALI: " + (telling[-1] if telling else type(error).__name__)
