@@ -196,8 +196,8 @@ class Producer:
     def samples_per_epoch(self) -> int:
         return len(range(self.key.shard_index, len(self.split_ids), self.key.shard_count))
 
-    def batch_count(self, samples: int | None = None) -> int:
-        samples = self.samples_per_epoch if samples is None else samples
+    def batch_count(self) -> int:
+        samples = self.samples_per_epoch
         if self.key.drop_last:
             return samples // self.key.batch_size
         return math.ceil(samples / self.key.batch_size)
@@ -374,7 +374,6 @@ class Session:
         self.last_progress = time.monotonic()
         self.cancelled = False
         self.protocol_error: SpecError | None = None
-        self.detached = False
 
     # --- called with the manager's lock held ---
 
@@ -687,7 +686,6 @@ class SessionManager:
         producer = Producer(self, old.key, old.dataset, old.spec, old.split_ids, old.output_size, cursor, slot_count)
         self.producers[producer.id] = producer
         self._attach(member, producer, 0)
-        member.detached = True
         self.counters.detached += 1
         producer.thread.start()
         log.info("session %s %s: detached from producer %d onto producer %d at epoch %d position %d",
