@@ -34,15 +34,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.optim import split_parameters
 from trainer.config import (
-    registrar,
     check_bool,
     check_choice,
     check_number,
     config_from_dict,
     config_to_dict,
+    registrar,
 )
+from trainer.optim import split_parameters
 
 
 class DataLoss:

@@ -33,12 +33,12 @@ from torch import nn
 
 from augserve.errors import SpecError
 from trainer.config import (
-    registrar,
     check_integer,
     check_integer_tuple,
     check_number,
     config_from_dict,
     config_to_dict,
+    registrar,
 )
 
 TORCHVISION_PREFIX = "torchvision:"

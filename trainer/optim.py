@@ -35,12 +35,12 @@ from torch import nn
 
 from augserve.errors import SpecError
 from trainer.config import (
-    registrar,
     check_bool,
     check_choice,
     check_number,
     config_from_dict,
     config_to_dict,
+    registrar,
 )
 
 ParameterGroups = list[dict[str, Any]]
