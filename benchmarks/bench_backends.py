@@ -56,9 +56,9 @@ from common import (
 
 from augserve.backends.dali import DaliBackend, dali_available
 from augserve.backends.opencv import OpenCVBackend, apply_plan, decode_stored
-from augserve.plan import make_plan
-from augserve.produce import SourceImage, augment_batch
-from augserve.spec import AugmentSpec
+from augserve.core.plan import make_plan
+from augserve.backends.batch import SourceImage, augment_batch
+from augserve.core.spec import AugmentSpec
 
 SPEC = {
     "ops": [

@@ -80,8 +80,8 @@ from common import (
     window_arguments,
 )
 
-from augserve.server import AugserveServer
-from augserve.sessions import Limits
+from augserve.rpc.server import AugserveServer
+from augserve.streaming.manager import Limits
 
 SIDES = (224, 64)  # output sides, in the order they are measured
 QUICK_SIDES = (224,)

@@ -74,11 +74,11 @@ from common import (
 )
 
 from augserve.backends.opencv import OpenCVBackend
-from augserve.datasets import Manifest, load_manifest
-from augserve.images import HeaderCache
-from augserve.server import AugserveServer
-from augserve.sessions import Limits
-from augserve.spec import AugmentSpec
+from augserve.data.datasets import Manifest, load_manifest
+from augserve.core.images import HeaderCache
+from augserve.rpc.server import AugserveServer
+from augserve.streaming.manager import Limits
+from augserve.core.spec import AugmentSpec
 
 # (output side in pixels, images per batch), in the order they are measured.
 SHAPES = ((224, 64), (224, 256), (64, 256), (64, 64))

@@ -41,12 +41,12 @@ import numpy as np
 
 from augserve.backends.opencv import OpenCVBackend
 from augserve.client import Client
-from augserve.datasets import Manifest, epoch_order, load_manifest
-from augserve.images import HeaderCache
-from augserve.produce import SourceImage, augment_batch
-from augserve.server import AugserveServer, DatasetConfig, ServerConfig, create_server
-from augserve.sessions import Limits
-from augserve.spec import AugmentSpec
+from augserve.data.datasets import Manifest, epoch_order, load_manifest
+from augserve.core.images import HeaderCache
+from augserve.backends.batch import SourceImage, augment_batch
+from augserve.rpc.server import AugserveServer, DatasetConfig, ServerConfig, create_server
+from augserve.streaming.manager import Limits
+from augserve.core.spec import AugmentSpec
 
 # Photos bundled with scikit-image (no download); each becomes one class folder.
 SAMPLE_PHOTOS = (

@@ -10,7 +10,7 @@ import pytest
 
 from augserve.backends.dali import DaliBackend
 from augserve.backends.opencv import OpenCVBackend
-from augserve.demo import DemoConfig, ensure_demo_dataset
+from augserve.data.demo import DemoConfig, ensure_demo_dataset
 
 PHOTO_NAMES = ("astronaut", "chelsea", "coffee", "rocket")
 

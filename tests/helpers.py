@@ -8,8 +8,9 @@ import cv2
 import numpy as np
 
 from augserve.backends.base import Backend
-from augserve.produce import Batch, BadImagePolicy, SourceImage, augment_batch
-from augserve.spec import AugmentSpec
+from augserve.backends.batch import Batch, SourceImage, augment_batch
+from augserve.core.policy import BadImagePolicy
+from augserve.core.spec import AugmentSpec
 
 
 def encode(image_rgb: np.ndarray, extension: str = ".png", quality: int = 95) -> bytes:

@@ -24,8 +24,8 @@ import pytest
 
 from augserve.backends.opencv import OpenCVBackend
 from augserve.client import Client
-from augserve.produce import SourceImage, augment_batch
-from augserve.spec import AugmentSpec
+from augserve.backends.batch import SourceImage, augment_batch
+from augserve.core.spec import AugmentSpec
 from augserve.transport.ring import our_segments
 from helpers import encode
 

@@ -12,9 +12,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from augserve.server import AugserveServer, DatasetConfig, ServerConfig, create_server
-from augserve.sessions import Limits
-from augserve.spec import AugmentSpec
+from augserve.rpc.server import AugserveServer, DatasetConfig, ServerConfig, create_server
+from augserve.streaming.manager import Limits
+from augserve.core.spec import AugmentSpec
 from augserve.transport.ring import our_segments
 
 
@@ -85,7 +85,7 @@ def own_segments() -> list[Path]:
 STREAMING_CLIENT = """
 import json, sys, time
 from augserve.client import Client
-from augserve.spec import AugmentSpec
+from augserve.core.spec import AugmentSpec
 options = json.loads(sys.argv[2])
 spec = AugmentSpec.from_json(options.pop("spec"))
 batches = iter(Client(sys.argv[1]).stream(options.pop("dataset"), spec=spec, **options))

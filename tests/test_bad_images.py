@@ -8,10 +8,10 @@ import zlib
 import numpy as np
 import pytest
 
-from augserve.errors import BadImageError
-from augserve import images as images_module
-from augserve.images import HeaderCache, inspect_image
-from augserve.produce import BadImagePolicy
+from augserve.core.errors import BadImageError
+from augserve.core import images as images_module
+from augserve.core.images import HeaderCache, inspect_image
+from augserve.core.policy import BadImagePolicy
 from helpers import encode, run_images, spec_of
 
 SPEC = spec_of({"rotate": {"degrees": 10}}, {"resize": {"size": 32}})

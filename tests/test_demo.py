@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from augserve.demo import CLASSES, DemoConfig, ensure_demo_dataset
-from augserve.images import inspect_image
+from augserve.data.demo import CLASSES, DemoConfig, ensure_demo_dataset
+from augserve.core.images import inspect_image
 
 
 def test_generation_is_deterministic_and_cached(tmp_path):

@@ -314,7 +314,7 @@ def test_entrypoint_flags_and_variables_exist() -> None:
     for arguments in (container.get("args", []), server.get("command", [])):
         assert {word for word in arguments if word.startswith("--")} <= serve_flags, arguments
 
-    read = set(re.findall(r"AUGSERVE_[A-Z_]+", script)) | {"AUGSERVE_CACHE"}  # the cache: augserve.demo
+    read = set(re.findall(r"AUGSERVE_[A-Z_]+", script)) | {"AUGSERVE_CACHE"}  # the cache: augserve.data.demo
     for where, names in (("deployment.yaml", {item["name"] for item in container.get("env", [])}),
                          ("compose.yaml's server", set(server.get("environment", {})))):
         unread = {name for name in names if name.startswith("AUGSERVE_")} - read

@@ -7,7 +7,7 @@ import pytest
 
 from augserve.backends.dali import DaliBackend
 from augserve.backends.opencv import OpenCVBackend
-from augserve.plan import make_plan, uniforms
+from augserve.core.plan import make_plan, uniforms
 from helpers import run_images, spec_of
 from test_parity import FULL_PIPELINE
 

@@ -11,9 +11,9 @@ import grpc
 import pytest
 
 from augserve.client import AugserveClientError, Client
-from augserve.demo import DemoConfig, ensure_demo_dataset
-from augserve.server import DatasetConfig
-from augserve.spec import AugmentSpec
+from augserve.data.demo import DemoConfig, ensure_demo_dataset
+from augserve.rpc.server import DatasetConfig
+from augserve.core.spec import AugmentSpec
 from servers import running_server, start_streaming_client, wait_until
 
 SPEC = AugmentSpec.from_dict({"ops": [{"rotate": {"degrees": 20}}, {"flip": {}}, {"random_resized_crop": {"size": 24}}]})

@@ -5,9 +5,9 @@ from __future__ import annotations
 import urllib.request
 
 from augserve.client import Client
-from augserve.demo import DemoConfig, ensure_demo_dataset
-from augserve.server import DatasetConfig, ServerConfig, create_server
-from augserve.spec import AugmentSpec
+from augserve.data.demo import DemoConfig, ensure_demo_dataset
+from augserve.rpc.server import DatasetConfig, ServerConfig, create_server
+from augserve.core.spec import AugmentSpec
 from servers import wait_until
 from trainer.metrics import TrainerGauges
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from augserve.client import Client, ShardedStream, open_stream
-from augserve.demo import DemoConfig, ensure_demo_dataset
-from augserve.server import DatasetConfig
-from augserve.spec import AugmentSpec
+from augserve.data.demo import DemoConfig, ensure_demo_dataset
+from augserve.rpc.server import DatasetConfig
+from augserve.core.spec import AugmentSpec
 from servers import running_server
 from trainer.loop import train
 from trainer.run_config import TrainConfig

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from augserve.plan import MAX_EPOCH, MAX_SAMPLE_ID, MAX_SEED, uniforms
+from augserve.core.plan import MAX_EPOCH, MAX_SAMPLE_ID, MAX_SEED, uniforms
 
 
 @pytest.mark.parametrize(

@@ -31,13 +31,13 @@ from hypothesis import strategies as st
 from augserve._proto.augserve.v1 import augserve_pb2 as pb
 from augserve._proto.augserve.v1 import augserve_pb2_grpc as pb_grpc
 from augserve.client import Client
-from augserve.demo import DemoConfig, ensure_demo_dataset
-from augserve.ops import OPS
-from augserve.ops.registry import ChoiceParam
-from augserve.server import SERVICE_NAME, AugserveServer, DatasetConfig
-from augserve.spec import AugmentSpec
+from augserve.data.demo import DemoConfig, ensure_demo_dataset
+from augserve.core.ops import OPS
+from augserve.core.ops.registry import ChoiceParam
+from augserve.rpc.server import SERVICE_NAME, AugserveServer, DatasetConfig
+from augserve.core.spec import AugmentSpec
 from augserve.transport.ring import remove_probe, write_probe
-from augserve.wire import ResumeToken, spec_to_proto
+from augserve.rpc.convert import ResumeToken, spec_to_proto
 from reliability_helpers import (
     LONG_MODE,
     VerifyingControlClient,

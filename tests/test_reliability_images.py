@@ -31,10 +31,10 @@ from PIL import Image, ImageOps
 
 from augserve.backends.base import Backend
 from augserve.client import AugserveClientError, Client
-from augserve.errors import BadImageError
-from augserve.produce import BadImagePolicy
-from augserve.server import DatasetConfig
-from augserve.spec import AugmentSpec
+from augserve.core.errors import BadImageError
+from augserve.core.policy import BadImagePolicy
+from augserve.rpc.server import DatasetConfig
+from augserve.core.spec import AugmentSpec
 from helpers import encode, run_images, spec_of
 from reliability_helpers import LONG_MODE, VerifyingControlClient, record_figures, scaled, write_png_dataset
 from servers import own_segments, running_server, wait_until

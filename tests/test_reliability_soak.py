@@ -42,11 +42,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from augserve._proto.augserve.v1 import augserve_pb2 as pb
 from augserve._proto.augserve.v1 import augserve_pb2_grpc as pb_grpc
 from augserve.client import AugserveClientError, Client
-from augserve.demo import DemoConfig, ensure_demo_dataset
-from augserve.server import DatasetConfig
-from augserve.spec import AugmentSpec
+from augserve.data.demo import DemoConfig, ensure_demo_dataset
+from augserve.rpc.server import DatasetConfig
+from augserve.core.spec import AugmentSpec
 from augserve.transport.ring import remove_probe, write_probe
-from augserve.wire import spec_to_proto
+from augserve.rpc.convert import spec_to_proto
 from reliability_helpers import GaugeSampler, long_only, read_gauges, record_figures, scaled
 from servers import ServerProcess, own_segments, running_server, segments_of, start_streaming_client, wait_until
 from test_groups import SPEC as GROUP_SPEC
@@ -254,7 +254,7 @@ def test_sigterm_mid_stream_then_restart_resumes_byte_identically(tmp_path, shap
 BUSY_CLIENT = """
 import json, sys
 from augserve.client import Client
-from augserve.spec import AugmentSpec
+from augserve.core.spec import AugmentSpec
 options = json.loads(sys.argv[2])
 spec = AugmentSpec.from_json(options.pop("spec"))
 for index, batch in enumerate(Client(sys.argv[1]).stream(options.pop("dataset"), spec=spec, **options)):

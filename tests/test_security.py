@@ -16,10 +16,10 @@ from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from augserve.client import AugserveClientError, Client
-from augserve.demo import DemoConfig, ensure_demo_dataset
-from augserve.security import TlsFiles
-from augserve.server import DatasetConfig, ServerConfig, create_server
-from augserve.spec import AugmentSpec
+from augserve.data.demo import DemoConfig, ensure_demo_dataset
+from augserve.rpc.security import TlsFiles
+from augserve.rpc.server import DatasetConfig, ServerConfig, create_server
+from augserve.core.spec import AugmentSpec
 
 SPEC = AugmentSpec.from_dict({"ops": [{"random_resized_crop": {"size": 16}}]})
 
@@ -142,7 +142,7 @@ def test_tokens_from_the_environment_and_the_loud_warning(dataset, monkeypatch, 
     finally:
         server.stop(grace=1.0)
     monkeypatch.delenv("AUGSERVE_TOKENS")
-    caplog.set_level("WARNING", logger="augserve.server")
+    caplog.set_level("WARNING", logger="augserve.rpc.server")
     exposed = create_server(ServerConfig(host="0.0.0.0", backend="opencv", datasets=dataset))
     exposed.stop(grace=0.5)
     assert any("WITHOUT TLS OR TOKENS" in record.getMessage() for record in caplog.records)

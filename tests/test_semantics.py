@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from augserve.plan import make_plan
+from augserve.core.plan import make_plan
 from helpers import run_one, spec_of
 
 

@@ -15,10 +15,10 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from augserve.backends.opencv import OpenCVBackend
 from augserve.client import Client
-from augserve.demo import CLASSES, DemoConfig, ensure_demo_dataset
-from augserve.produce import SourceImage, augment_batch
-from augserve.server import DatasetConfig
-from augserve.spec import AugmentSpec
+from augserve.data.demo import CLASSES, DemoConfig, ensure_demo_dataset
+from augserve.backends.batch import SourceImage, augment_batch
+from augserve.rpc.server import DatasetConfig
+from augserve.core.spec import AugmentSpec
 from servers import own_segments, running_server, wait_until
 
 SPEC = AugmentSpec.from_dict(

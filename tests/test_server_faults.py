@@ -16,10 +16,10 @@ import pytest
 from augserve._proto.augserve.v1 import augserve_pb2 as pb
 from augserve._proto.augserve.v1 import augserve_pb2_grpc as pb_grpc
 from augserve.client import AugserveClientError, Client
-from augserve.demo import DemoConfig, ensure_demo_dataset
-from augserve.server import DatasetConfig
-from augserve.spec import AugmentSpec
-from augserve.wire import spec_to_proto
+from augserve.data.demo import DemoConfig, ensure_demo_dataset
+from augserve.rpc.server import DatasetConfig
+from augserve.core.spec import AugmentSpec
+from augserve.rpc.convert import spec_to_proto
 from servers import ServerProcess, own_segments, running_server, segments_of, start_streaming_client, wait_until
 
 SPEC = AugmentSpec.from_dict({"ops": [{"rotate": {"degrees": 15}}, {"random_resized_crop": {"size": 24}}]})

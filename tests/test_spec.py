@@ -7,9 +7,9 @@ import math
 import pytest
 import yaml
 
-from augserve.errors import SpecError
-from augserve.ops import OPS
-from augserve.spec import MAX_OPS, AugmentSpec, eval_spec, load_spec_file
+from augserve.core.errors import SpecError
+from augserve.core.ops import OPS
+from augserve.core.spec import MAX_OPS, AugmentSpec, eval_spec, load_spec_file
 
 FULL_SPEC_YAML = """
 fill_mode: nearest

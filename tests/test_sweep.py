@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from augserve.errors import SpecError
+from augserve.core.errors import SpecError
 from trainer.sweep import plan_runs
 
 ROOT = Path(__file__).resolve().parent.parent

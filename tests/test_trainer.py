@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from augserve.client import Client, to_torch
-from augserve.demo import DemoConfig, ensure_demo_dataset
-from augserve.server import DatasetConfig
+from augserve.data.demo import DemoConfig, ensure_demo_dataset
+from augserve.rpc.server import DatasetConfig
 from servers import running_server
 from trainer.cli import main as train_main
 from trainer.loop import CHECKPOINT_NAME, train
@@ -215,7 +215,7 @@ def test_command_line_with_keras_flags_writes_the_resolved_config(tiny_server, t
 
 
 def test_torchrun_with_two_processes_trains_on_disjoint_shards(tiny_server, tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="augserve.sessions")
+    caplog.set_level(logging.INFO, logger="augserve.streaming.manager")
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",

@@ -18,8 +18,8 @@ from typing import Any
 
 import yaml
 
-from augserve.errors import AugserveError, SpecError
-from augserve.keras import spec_dict_from_keras
+from augserve.core.errors import AugserveError, SpecError
+from augserve.core.keras import spec_dict_from_keras
 from trainer.run_config import TrainConfig, set_dotted
 
 # flag -> dotted config field; each flag's type comes from argparse below.

@@ -6,7 +6,7 @@ import dataclasses
 import math
 from typing import Any, Callable, Mapping, TypeVar
 
-from augserve.errors import SpecError
+from augserve.core.errors import SpecError
 
 ConfigType = TypeVar("ConfigType")
 

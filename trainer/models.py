@@ -31,7 +31,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from augserve.errors import SpecError
+from augserve.core.errors import SpecError
 from trainer.config import (
     check_integer,
     check_integer_tuple,

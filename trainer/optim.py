@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterable, Mapping, NamedTuple
 import torch
 from torch import nn
 
-from augserve.errors import SpecError
+from augserve.core.errors import SpecError
 from trainer.config import (
     check_bool,
     check_choice,

@@ -12,9 +12,9 @@ from typing import Any, Mapping
 
 import yaml
 
-from augserve.errors import SpecError
-from augserve.security import TlsFiles
-from augserve.spec import AugmentSpec, load_spec_file
+from augserve.core.errors import SpecError
+from augserve.rpc.security import TlsFiles
+from augserve.core.spec import AugmentSpec, load_spec_file
 from trainer.config import check_bool, check_choice, check_integer, config_from_dict, config_to_dict
 from trainer.losses import LossConfig
 from trainer.models import ModelConfig

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from augserve.errors import AugserveError, SpecError
+from augserve.core.errors import AugserveError, SpecError
 from trainer.run_config import TrainConfig, set_dotted
 
 log = logging.getLogger("sweep")
@@ -262,8 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     server = None
     endpoints = args.endpoint
     if args.serve_demo:
-        from augserve.demo import ensure_demo_dataset
-        from augserve.server import DatasetConfig, ServerConfig, create_server
+        from augserve.data.demo import ensure_demo_dataset
+        from augserve.rpc.server import DatasetConfig, ServerConfig, create_server
 
         server = create_server(ServerConfig(port=0, backend=args.backend, datasets={"demo": DatasetConfig(str(ensure_demo_dataset()), 0.2)}))
         endpoints = [server.address]

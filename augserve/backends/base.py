@@ -7,7 +7,7 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from augserve.plan import SamplePlan
+from augserve.core.plan import SamplePlan
 
 
 @dataclass

@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 
 from augserve.backends.base import AugmentResult, output_array, output_size_of
-from augserve.plan import SamplePlan
+from augserve.core.plan import SamplePlan
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 
 from augserve.backends.base import AugmentResult, compact, output_array
-from augserve.plan import SamplePlan
+from augserve.core.plan import SamplePlan
 
 INTERPOLATION_FLAGS = {"linear": cv2.INTER_LINEAR, "nearest": cv2.INTER_NEAREST}
 BORDER_MODES = {"constant": cv2.BORDER_CONSTANT, "nearest": cv2.BORDER_REPLICATE}

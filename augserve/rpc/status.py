@@ -6,7 +6,7 @@ import logging
 
 import grpc
 
-from augserve.errors import (
+from augserve.core.errors import (
     AuthenticationError,
     BadImageError,
     LimitError,

@@ -22,10 +22,10 @@ import numpy as np
 
 from augserve._proto.augserve.v1 import augserve_pb2 as pb
 from augserve._proto.augserve.v1 import augserve_pb2_grpc as pb_grpc
-from augserve.security import TlsFiles, channel_credentials, client_token
-from augserve.spec import AugmentSpec
+from augserve.rpc.security import TlsFiles, channel_credentials, client_token
+from augserve.core.spec import AugmentSpec
 from augserve.transport.ring import SlotReader, remove_probe, shared_memory_available, write_probe
-from augserve.wire import (
+from augserve.rpc.convert import (
     BAD_IMAGE_VALUES,
     GROUP_POLICY_VALUES,
     RESUME_METADATA_KEY,

@@ -32,14 +32,15 @@ import numpy as np
 
 from augserve._proto.augserve.v1 import augserve_pb2 as pb
 from augserve.backends.base import Backend
-from augserve.datasets import Dataset, epoch_order
-from augserve.errors import BadImageError, LimitError, NotFoundError, SpecError, UnavailableError
-from augserve.images import HeaderCache
-from augserve.produce import BadImagePolicy, SourceImage, augment_batch
-from augserve.scheduler import FairScheduler
-from augserve.spec import MAX_OPS, AugmentSpec
+from augserve.data.datasets import Dataset, epoch_order
+from augserve.core.errors import BadImageError, LimitError, NotFoundError, SpecError, UnavailableError
+from augserve.core.images import HeaderCache
+from augserve.backends.batch import SourceImage, augment_batch
+from augserve.core.policy import BadImagePolicy
+from augserve.streaming.scheduler import FairScheduler
+from augserve.core.spec import MAX_OPS, AugmentSpec
 from augserve.transport.ring import SlotRing, probe_matches, shared_memory_available
-from augserve.wire import ResumeToken, SessionRequest, fill_tensor, stream_hash
+from augserve.rpc.convert import ResumeToken, SessionRequest, fill_tensor, stream_hash
 
 log = logging.getLogger(__name__)
 

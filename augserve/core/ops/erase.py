@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-from augserve.ops.canvas import Canvas, EraseStep
-from augserve.ops.registry import IntParam, RangeParam, SizeParam, probability, register_op
-from augserve.ops.sampling import UNIFORMS_PER_BOX, random_box, random_offset
+from augserve.core.ops.canvas import Canvas, EraseStep
+from augserve.core.ops.registry import IntParam, RangeParam, SizeParam, probability, register_op
+from augserve.core.ops.sampling import UNIFORMS_PER_BOX, random_box, random_offset
 
 MAX_CUTOUT_HOLES = 16
 

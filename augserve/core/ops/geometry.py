@@ -9,8 +9,8 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping, Sequence
 
-from augserve.ops.canvas import Canvas
-from augserve.ops.registry import (
+from augserve.core.ops.canvas import Canvas
+from augserve.core.ops.registry import (
     BoolParam,
     ChoiceParam,
     IntParam,
@@ -20,7 +20,7 @@ from augserve.ops.registry import (
     probability,
     register_op,
 )
-from augserve.ops.sampling import UNIFORMS_PER_BOX, lerp, random_box, random_offset
+from augserve.core.ops.sampling import UNIFORMS_PER_BOX, lerp, random_box, random_offset
 
 INTERPOLATIONS = ("linear", "nearest")
 

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from augserve.errors import BadImageError
+from augserve.core.errors import BadImageError
+from augserve.core.policy import DEFAULT_MAX_PIXELS
 
 # Formats both OpenCV and DALI decode.
 SUPPORTED_FORMATS = ("JPEG", "PNG", "BMP", "WEBP", "TIFF")
-DEFAULT_MAX_PIXELS = 40_000_000
 EXIF_ORIENTATION = 0x0112
 JPEG_START_OF_SCAN = b"\xff\xda"
 JPEG_END = b"\xff\xd9"

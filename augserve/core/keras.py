@@ -11,7 +11,7 @@ from __future__ import annotations
 import numbers
 from typing import Any, Mapping
 
-from augserve.errors import SpecError
+from augserve.core.errors import SpecError
 
 SUPPORTED = (
     "rotation_range",

@@ -23,9 +23,9 @@ from typing import Any, Mapping
 
 import yaml
 
-from augserve.errors import SpecError
-from augserve.ops import OPS, OpDef, get_op
-from augserve.ops.registry import MAX_SIDE
+from augserve.core.errors import SpecError
+from augserve.core.ops import OPS, OpDef, get_op
+from augserve.core.ops.registry import MAX_SIDE
 
 FILL_MODES = ("constant", "nearest")
 MAX_OPS = 32
@@ -162,7 +162,7 @@ class AugmentSpec:
     @classmethod
     def from_keras(cls, **kwargs: Any) -> AugmentSpec:
         """Build a spec from Keras `ImageDataGenerator` keyword arguments (see keras.py)."""
-        from augserve.keras import spec_dict_from_keras
+        from augserve.core.keras import spec_dict_from_keras
 
         return cls.from_dict(spec_dict_from_keras(kwargs))
 

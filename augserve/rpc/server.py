@@ -24,16 +24,16 @@ from augserve._proto.augserve.v1 import augserve_pb2 as pb
 from augserve._proto.augserve.v1 import augserve_pb2_grpc as pb_grpc
 from augserve.backends import create_backend
 from augserve.backends.base import Backend
-from augserve.datasets import Dataset, load_manifest
-from augserve.errors import SpecError
-from augserve.metrics import MetricsEndpoint
-from augserve.security import TlsFiles, TokenInterceptor, load_tokens, server_credentials
-from augserve.scheduler import FairScheduler
-from augserve.sessions import Limits, Session, SessionManager
-from augserve.spec import eval_spec
-from augserve.status import status_of
+from augserve.data.datasets import Dataset, load_manifest
+from augserve.core.errors import SpecError
+from augserve.rpc.metrics import MetricsEndpoint
+from augserve.rpc.security import TlsFiles, TokenInterceptor, load_tokens, server_credentials
+from augserve.streaming.scheduler import FairScheduler
+from augserve.streaming.manager import Limits, Session, SessionManager
+from augserve.core.spec import eval_spec
+from augserve.rpc.status import status_of
 from augserve.transport.ring import remove_stale_segments
-from augserve.wire import RESUME_METADATA_KEY, parse_open
+from augserve.rpc.convert import RESUME_METADATA_KEY, parse_open
 
 log = logging.getLogger(__name__)
 

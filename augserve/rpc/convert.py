@@ -16,10 +16,10 @@ from typing import Any
 import numpy as np
 
 from augserve._proto.augserve.v1 import augserve_pb2 as pb
-from augserve.errors import SpecError
-from augserve.plan import MAX_EPOCH, MAX_SAMPLE_ID
-from augserve.produce import BadImagePolicy
-from augserve.spec import AugmentSpec
+from augserve.core.errors import SpecError
+from augserve.core.plan import MAX_EPOCH, MAX_SAMPLE_ID
+from augserve.core.policy import BadImagePolicy
+from augserve.core.spec import AugmentSpec
 
 SPLIT_NAMES = {pb.SPLIT_UNSPECIFIED: "train", pb.SPLIT_TRAIN: "train", pb.SPLIT_VALIDATION: "validation", pb.SPLIT_ALL: "all"}
 SPLIT_VALUES = {"train": pb.SPLIT_TRAIN, "validation": pb.SPLIT_VALIDATION, "all": pb.SPLIT_ALL}

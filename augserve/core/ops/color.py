@@ -1,7 +1,7 @@
 """Colour ops. Each is a linear (affine) map of RGB values in [0, 255]; they compose into the
 sample's one colour matrix, applied once after the warp. Values are clamped to [0, 255] only at
 the end, not between ops (the price of one pass). Matrices are tuples of rows of floats (see
-`augserve.ops.canvas`)."""
+`augserve.core.ops.canvas`)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from augserve.ops.canvas import Canvas, ColorLinear
-from augserve.ops.registry import RangeParam, probability, register_op
-from augserve.ops.sampling import lerp
+from augserve.core.ops.canvas import Canvas, ColorLinear
+from augserve.core.ops.registry import RangeParam, probability, register_op
+from augserve.core.ops.sampling import lerp
 
 # ITU-R BT.601 luma weights, as torchvision and PIL use for grayscale.
 LUMA = (0.299, 0.587, 0.114)

@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from augserve.demo import cache_root
-from augserve.errors import SpecError
-from augserve.images import EXIF_ORIENTATION
+from augserve.data.demo import cache_root
+from augserve.core.errors import SpecError
+from augserve.core.images import EXIF_ORIENTATION
 
 log = logging.getLogger(__name__)
 

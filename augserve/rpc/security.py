@@ -16,7 +16,7 @@ from typing import Callable
 
 import grpc
 
-from augserve.errors import SpecError
+from augserve.core.errors import SpecError
 
 TOKENS_ENVIRONMENT = "AUGSERVE_TOKENS"
 CLIENT_TOKEN_ENVIRONMENT = "AUGSERVE_TOKEN"

@@ -14,10 +14,10 @@ import numpy as np
 import yaml
 
 from augserve.backends import BACKEND_CHOICES, create_backend
-from augserve.demo import DemoConfig, ensure_demo_dataset
-from augserve.errors import AugserveError, SpecError
-from augserve.produce import SourceImage, augment_batch
-from augserve.spec import AugmentSpec, load_spec_file
+from augserve.data.demo import DemoConfig, ensure_demo_dataset
+from augserve.core.errors import AugserveError, SpecError
+from augserve.backends.batch import SourceImage, augment_batch
+from augserve.core.spec import AugmentSpec, load_spec_file
 
 DEFAULT_PREVIEW_SPEC = {
     "ops": [
@@ -74,8 +74,8 @@ def _dataset_entry(text: str) -> tuple[str, str]:
 
 def _server_config(args: argparse.Namespace) -> Any:
     """ServerConfig from an optional YAML file, then command-line flags over it."""
-    from augserve.server import DatasetConfig, ServerConfig
-    from augserve.sessions import Limits
+    from augserve.rpc.server import DatasetConfig, ServerConfig
+    from augserve.streaming.manager import Limits
 
     settings: dict[str, Any] = {}
     if args.config:
@@ -126,7 +126,7 @@ def _server_config(args: argparse.Namespace) -> Any:
 
 
 def _tls_files(args: argparse.Namespace, settings: dict[str, Any]) -> Any:
-    from augserve.security import TlsFiles
+    from augserve.rpc.security import TlsFiles
 
     certificate = args.tls_cert or settings.get("tls_cert")
     key = args.tls_key or settings.get("tls_key")
@@ -137,14 +137,14 @@ def _tls_files(args: argparse.Namespace, settings: dict[str, Any]) -> Any:
 
 
 def serve_command(args: argparse.Namespace) -> int:
-    from augserve.server import serve
+    from augserve.rpc.server import serve
 
     serve(_server_config(args), port_file=args.port_file)
     return 0
 
 
 def index_command(args: argparse.Namespace) -> int:
-    from augserve.datasets import load_manifest
+    from augserve.data.datasets import load_manifest
 
     manifest = load_manifest(args.path, threads=args.threads or 8)
     size = manifest.uniform_size()

@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from augserve.sessions import PRODUCTION_BUCKETS, SessionManager
+from augserve.streaming.manager import PRODUCTION_BUCKETS, SessionManager
 
 
 class ManagerCollector(Collector):

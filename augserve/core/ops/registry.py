@@ -12,8 +12,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Mapping, Sequence
 
-from augserve.errors import SpecError
-from augserve.ops.canvas import Canvas
+from augserve.core.errors import SpecError
+from augserve.core.ops.canvas import Canvas
 
 Category = Literal["geometry", "color", "erase"]
 PlanFunction = Callable[[Mapping[str, Any], Sequence[float], Canvas], None]

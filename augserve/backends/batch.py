@@ -4,36 +4,16 @@ bad-image policy. The server's producers and the in-process benchmarks both call
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from augserve.backends.base import Backend
-from augserve.errors import BadImageError, SpecError
-from augserve.images import DEFAULT_MAX_PIXELS, HeaderCache, inspect_image
-from augserve.plan import SamplePlan, make_plan
-from augserve.spec import AugmentSpec
-
-OnBadImage = Literal["skip", "fail"]
-
-
-@dataclass(frozen=True)
-class BadImagePolicy:
-    """What to do with an image that cannot be used.
-
-    skip: leave it out of its batch and count it (the batch is then smaller).
-    fail: raise `BadImageError` naming the file, which ends the stream.
-    """
-
-    on_bad_image: OnBadImage = "skip"
-    max_pixels: int = DEFAULT_MAX_PIXELS
-
-    def __post_init__(self) -> None:
-        if self.on_bad_image not in ("skip", "fail"):
-            raise SpecError("on_bad_image", f"expected 'skip' or 'fail', got {self.on_bad_image!r}")
-        if not 1 <= self.max_pixels <= 2**31:
-            raise SpecError("max_pixels", f"{self.max_pixels} is outside [1, 2**31]")
-
+from augserve.core.errors import BadImageError, SpecError
+from augserve.core.images import HeaderCache, inspect_image
+from augserve.core.policy import BadImagePolicy
+from augserve.core.plan import SamplePlan, make_plan
+from augserve.core.spec import AugmentSpec
 
 @dataclass(frozen=True)
 class SourceImage:

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.random.bit_generator import ISeedSequence
 
-from augserve.errors import SpecError
-from augserve.ops import Canvas, EraseStep
-from augserve.ops.canvas import IDENTITY_COLOR, Affine, ColorAffine, invert
-from augserve.spec import AugmentSpec
+from augserve.core.errors import SpecError
+from augserve.core.ops import Canvas, EraseStep
+from augserve.core.ops.canvas import IDENTITY_COLOR, Affine, ColorAffine, invert
+from augserve.core.spec import AugmentSpec
 
 MAX_SEED = 2**64 - 1
 MAX_EPOCH = 2**24 - 1

@@ -1,0 +1,1 @@
+"""Datasets: manifests (ImageFolder, CSV), epoch order and sharding, reading files, the demo dataset."""

@@ -1,0 +1,1 @@
+"""The gRPC edge: conversions between protobuf and core types, the servicer, status codes, security, metrics."""

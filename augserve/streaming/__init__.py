@@ -1,0 +1,1 @@
+"""Streams of batches: keys and cursors, slots, producers, sessions and their credits, groups, the manager. No protobuf."""
