@@ -30,9 +30,9 @@ COPY pyproject.toml README.md ./
 COPY augserve/ augserve/
 COPY trainer/ trainer/
 # The pip cache lives in a BuildKit cache mount: it never lands in a layer, and a rebuild after
-# a source change does not download DALI again. `./[dali]`: this project with its `dali` extra.
+# a source change does not download DALI again. `./[server,dali]`: this project with its `server` and `dali` extras.
 RUN --mount=type=cache,target=/root/.cache/pip \
-    pip install "./[dali]"
+    pip install "./[server,dali]"
 
 # ---------------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS trainer-builder

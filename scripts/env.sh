@@ -15,7 +15,7 @@ fi
 if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
   "$venv/bin/python" -m pip install --quiet --upgrade pip
   "$venv/bin/python" -m pip install --quiet "$torch_requirement"
-  "$venv/bin/python" -m pip install --quiet -e "$root[dali,train,test,bench]"
+  "$venv/bin/python" -m pip install --quiet -e "$root[server,dali,train,test,bench]"
   echo "$wanted" > "$stamp"
 fi
 export PATH="$venv/bin:$PATH"

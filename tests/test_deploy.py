@@ -246,7 +246,8 @@ def test_dockerfile_final_stages_run_a_copied_venv_as_non_root() -> None:
 
 def test_dockerfile_installs_extras_that_exist() -> None:
     """The venv copied into each final stage is the project with extras of pyproject.toml:
-    DALI and no torch for the server, torch and no DALI for the trainer."""
+    the server extra, DALI and no torch for the server; torch and neither DALI nor the server
+    extra for the trainer."""
     instructions = read_dockerfile()
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
     defined = set(pyproject["project"]["optional-dependencies"])
@@ -263,11 +264,12 @@ def test_dockerfile_installs_extras_that_exist() -> None:
         return one(sources, f"builder stage of {stage}")
 
     server_builder, trainer_builder = builder_of("server"), builder_of("trainer")
-    assert "dali" in installs.get(server_builder, set()), f"{server_builder} should install ./[dali]"
+    assert {"server", "dali"} <= installs.get(server_builder, set()), f"{server_builder} should install ./[server,dali]"
     assert "train" in installs.get(trainer_builder, set()), f"{trainer_builder} should install ./[train]"
     server_runs = " ".join(item.value for item in of_stage(instructions, server_builder, "RUN"))
     assert "torch" not in server_runs and "train" not in installs[server_builder], "the server needs no torch"
     assert "dali" not in installs[trainer_builder], "the trainer needs no DALI"
+    assert "server" not in installs[trainer_builder], "the trainer is a client: no OpenCV or PIL"
 
 
 def test_dockerignore_keeps_what_the_build_copies() -> None:

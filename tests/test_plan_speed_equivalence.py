@@ -11,7 +11,7 @@ from augserve.core.plan import MAX_EPOCH, MAX_SAMPLE_ID, MAX_SEED, uniforms
 
 @pytest.mark.parametrize(
     ("seed", "epoch", "sample_id"),
-    [(0, 0, 0), (3, 1, 10), (2**63 + 5, 7, 2**33 + 1), (MAX_SEED, MAX_EPOCH, MAX_SAMPLE_ID)],
+    [(0, 0, 0), (3, 1, 10), (2**62 + 5, 7, 2**33 + 1), (MAX_SEED, MAX_EPOCH, MAX_SAMPLE_ID)],
 )
 def test_uniforms_are_the_philox_stream_keyed_by_seed_epoch_and_sample(seed, epoch, sample_id):
     key = np.array([seed, (epoch << 40) | sample_id], dtype=np.uint64)

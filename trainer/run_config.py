@@ -13,8 +13,9 @@ from typing import Any, Mapping
 import yaml
 
 from augserve.core.errors import SpecError
-from augserve.rpc.security import TlsFiles
+from augserve.core.plan import MAX_SEED
 from augserve.core.spec import AugmentSpec, load_spec_file
+from augserve.rpc.security import TlsFiles
 from trainer.config import check_bool, check_choice, check_integer, config_from_dict, config_to_dict
 from trainer.losses import LossConfig
 from trainer.models import ModelConfig
@@ -64,7 +65,7 @@ class DataConfig:
         check_integer("epochs", self.epochs, low=1)
         if self.steps_per_epoch is not None:
             check_integer("steps_per_epoch", self.steps_per_epoch, low=1)
-        check_integer("seed", self.seed, low=0, high=2**63 - 1)
+        check_integer("seed", self.seed, low=0, high=MAX_SEED)
         check_choice("transport", self.transport, TRANSPORTS)
         check_integer("prefetch", self.prefetch, low=1, high=64)
         check_choice("group_policy", self.group_policy, GROUP_POLICIES)

@@ -19,7 +19,9 @@ from augserve.core.ops import Canvas, EraseStep
 from augserve.core.ops.canvas import IDENTITY_COLOR, Affine, ColorAffine, invert
 from augserve.core.spec import AugmentSpec
 
-MAX_SEED = 2**64 - 1
+# The one bound on seeds: plans, the wire and the trainer all check against it (2**63 - 1 so a
+# seed also fits a signed 64-bit integer, as torch and most clients hold one).
+MAX_SEED = 2**63 - 1
 MAX_EPOCH = 2**24 - 1
 MAX_SAMPLE_ID = 2**40 - 1
 # Bilinear sampling reads one pixel beyond a coordinate; one more guards rounding.
@@ -56,7 +58,7 @@ def uniforms(seed: int, epoch: int, sample_id: int, count: int) -> np.ndarray:
     """`count` float64 numbers in [0, 1) for this (seed, epoch, sample_id): the stream of
     `Generator(Philox(key=[seed, epoch << 40 | sample_id])).random(count)`."""
     if not 0 <= seed <= MAX_SEED:
-        raise SpecError("seed", f"{seed} is outside [0, 2**64 - 1]")
+        raise SpecError("seed", f"{seed} is outside [0, {MAX_SEED}]")
     if not 0 <= epoch <= MAX_EPOCH:
         raise SpecError("epoch", f"{epoch} is outside [0, 2**24 - 1]")
     if not 0 <= sample_id <= MAX_SAMPLE_ID:

@@ -17,7 +17,7 @@ import numpy as np
 
 from augserve._proto.augserve.v1 import augserve_pb2 as pb
 from augserve.core.errors import SpecError
-from augserve.core.plan import MAX_EPOCH, MAX_SAMPLE_ID
+from augserve.core.plan import MAX_EPOCH, MAX_SAMPLE_ID, MAX_SEED
 from augserve.core.policy import BadImagePolicy
 from augserve.core.spec import AugmentSpec
 
@@ -202,8 +202,8 @@ def parse_open(message: pb.OpenSession, eval_spec_for, max_pixels: int) -> Sessi
         raise SpecError("open.shard_index", f"{message.shard_index} is not below shard_count {shard_count}")
     if message.epochs > 1_000_000:
         raise SpecError("open.epochs", f"{message.epochs} is over 1000000 (0 means endless)")
-    if message.seed >= 2**63:
-        raise SpecError("open.seed", "must be below 2**63")
+    if message.seed > MAX_SEED:
+        raise SpecError("open.seed", f"{message.seed} is over the largest seed {MAX_SEED}")
     resume = ResumeToken.decode(message.resume_token) if message.resume_token else None
     return SessionRequest(
         dataset=message.dataset,
