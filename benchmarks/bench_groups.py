@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import os
 import sys
-import time
+
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -81,7 +81,7 @@ from common import (
 )
 
 from augserve.rpc.server import AugserveServer
-from augserve.streaming.manager import Limits
+from augserve.streaming.limits import Limits
 
 SIDES = (224, 64)  # output sides, in the order they are measured
 QUICK_SIDES = (224,)
@@ -228,16 +228,11 @@ class Bench:
     def wait_sessions_closed(self) -> None:
         """Let the last round's sessions and producers go before the next round opens."""
         manager = self.server.manager
-        deadline = time.monotonic() + SESSION_CLOSE_SECONDS
-        with manager.condition:
-            while manager.sessions or manager.producers:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError(
-                        f"{len(manager.sessions)} sessions and {len(manager.producers)} producers "
-                        f"still open {SESSION_CLOSE_SECONDS:g} s after a round"
-                    )
-                manager.condition.wait(min(left, 0.1))
+        if not manager.wait_idle(SESSION_CLOSE_SECONDS):
+            raise TimeoutError(
+                f"{len(manager.sessions)} sessions and {len(manager.producers)} producers "
+                f"still open {SESSION_CLOSE_SECONDS:g} s after a round"
+            )
 
     def job(self, way: str, side: int, experiments: int, seed: int) -> StreamJob | LoaderJob:
         """What each of the experiments of one round runs."""

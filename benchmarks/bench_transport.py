@@ -77,7 +77,7 @@ from augserve.backends.opencv import OpenCVBackend
 from augserve.data.datasets import Manifest, load_manifest
 from augserve.core.images import HeaderCache
 from augserve.rpc.server import AugserveServer
-from augserve.streaming.manager import Limits
+from augserve.streaming.limits import Limits
 from augserve.core.spec import AugmentSpec
 
 # (output side in pixels, images per batch), in the order they are measured.

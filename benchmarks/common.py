@@ -45,7 +45,7 @@ from augserve.data.datasets import Manifest, epoch_order, load_manifest
 from augserve.core.images import HeaderCache
 from augserve.backends.batch import SourceImage, augment_batch
 from augserve.rpc.server import AugserveServer, DatasetConfig, ServerConfig, create_server
-from augserve.streaming.manager import Limits
+from augserve.streaming.limits import Limits
 from augserve.core.spec import AugmentSpec
 
 # Photos bundled with scikit-image (no download); each becomes one class folder.
@@ -260,12 +260,8 @@ class ServerCounters:
 
 
 def server_counters(server: AugserveServer) -> ServerCounters:
-    manager = server.manager
-    with manager.condition:
-        counted = manager.counters
-        return ServerCounters(
-            counted.batches_produced, counted.batches_delivered, counted.images_delivered
-        )
+    counted = server.manager.counters.snapshot()
+    return ServerCounters(counted.batches_produced, counted.batches_delivered, counted.images_delivered)
 
 
 # --- measuring one consumer ------------------------------------------------------------------

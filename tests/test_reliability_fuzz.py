@@ -37,7 +37,8 @@ from augserve.core.ops.registry import ChoiceParam
 from augserve.rpc.server import SERVICE_NAME, AugserveServer, DatasetConfig
 from augserve.core.spec import AugmentSpec
 from augserve.transport.ring import remove_probe, write_probe
-from augserve.rpc.convert import ResumeToken, spec_to_proto
+from augserve.rpc.convert import spec_to_proto
+from augserve.streaming.keys import ResumeToken
 from reliability_helpers import (
     LONG_MODE,
     VerifyingControlClient,
@@ -535,8 +536,7 @@ def open_and_read(target: FuzzTarget, opening: pb.OpenSession) -> Outcome:
     crashed: list[str] = []
     previous_hook = threading.excepthook
     threading.excepthook = lambda hook_args: crashed.append(f"{hook_args.thread.name}: {hook_args.exc_type.__name__}")
-    with target.server.manager.condition:
-        keep = {producer.thread for producer in target.server.manager.producers.values()}  # the control's
+    keep = {producer.thread for producer in list(target.server.manager.producers.values())}  # the control's
     try:
         outcome = run_call(target, [pb.ClientMessage(open=opening)], idle=1.0, counted=False)
         for thread in threading.enumerate():

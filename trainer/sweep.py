@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         started = time.monotonic()
         results = run_sweep(plans, output, concurrency, endpoints)
         if server is not None:
-            info = server.manager.counters
+            info = server.manager.counters.snapshot()
             log.info("server produced %d batches and delivered %d (%.1fx sharing)",
                      info.batches_produced, info.batches_delivered, info.batches_delivered / max(info.batches_produced, 1))
     finally:

@@ -12,27 +12,9 @@ from augserve.backends.base import Backend
 from augserve.core.errors import BadImageError, SpecError
 from augserve.core.images import HeaderCache, inspect_image
 from augserve.core.policy import BadImagePolicy
+from augserve.core.sample import SkippedImage, SourceImage
 from augserve.core.plan import SamplePlan, make_plan
 from augserve.core.spec import AugmentSpec
-
-@dataclass(frozen=True)
-class SourceImage:
-    """An encoded image and what identifies it: `source` names it in errors (its path);
-    `identity` (byte size, modification time in ns) lets a `HeaderCache` remember its check."""
-
-    sample_id: int
-    label: int
-    source: str
-    data: bytes
-    identity: tuple[int, int] | None = None
-
-
-@dataclass(frozen=True)
-class SkippedImage:
-    sample_id: int
-    source: str
-    reason: str
-
 
 @dataclass
 class Batch:

@@ -21,8 +21,6 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-import yaml
-
 from augserve.core.errors import SpecError
 from augserve.core.ops import OPS, OpDef, get_op
 from augserve.core.ops.registry import MAX_SIDE
@@ -139,6 +137,8 @@ class AugmentSpec:
 
     @classmethod
     def from_yaml(cls, text: str) -> AugmentSpec:
+        import yaml  # imported here: a client that never reads YAML needs no PyYAML
+
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as error:
@@ -146,6 +146,8 @@ class AugmentSpec:
         return cls.from_dict(data)
 
     def to_yaml(self) -> str:
+        import yaml
+
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
 
     @classmethod

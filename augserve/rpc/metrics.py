@@ -13,7 +13,8 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from augserve.streaming.manager import PRODUCTION_BUCKETS, SessionManager
+from augserve.streaming.counters import PRODUCTION_BUCKETS
+from augserve.streaming.manager import SessionManager
 
 
 class ManagerCollector(Collector):
@@ -23,27 +24,18 @@ class ManagerCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         manager = self.manager
-        with manager.condition:
-            counters = manager.counters
-            sessions = list(manager.sessions.values())
-            producers = list(manager.producers.values())
-            per_session = [
-                (
-                    session.id,
-                    session.key.dataset,
-                    session.images_sent,
-                    session.sent,
-                    max(0, session.producer.next_sequence - session.next_sequence) if session.producer else 0,
-                    max(0, session.granted - session.sent),
-                )
-                for session in sessions
-            ]
-            groups = [(str(producer.id), producer.key.dataset, len(producer.members)) for producer in producers]
-            buffer_bytes = manager.buffer_bytes
-            bucket_counts = list(counters.production_bucket_counts)
-            production_sum = counters.production_seconds_sum
-            totals = (counters.batches_produced, counters.batches_delivered, counters.images_delivered,
-                      counters.images_skipped, counters.sessions_opened, counters.detached)
+        snapshot = manager.snapshot()
+        counters = snapshot.counters
+        per_session = [
+            (item.session_id, item.dataset, item.images_sent, item.batches_sent, item.queue_depth, item.credits)
+            for item in snapshot.sessions
+        ]
+        groups = [(str(item.producer_id), item.dataset, item.members) for item in snapshot.producers]
+        buffer_bytes = snapshot.buffer_bytes
+        bucket_counts = counters.production_bucket_counts
+        production_sum = counters.production_seconds_sum
+        totals = (counters.batches_produced, counters.batches_delivered, counters.images_delivered,
+                  counters.images_skipped, counters.sessions_opened, counters.detached)
 
         backend = GaugeMetricFamily("augserve_backend_info", "Backend in use (value 1)", labels=["backend", "device"])
         backend.add_metric([manager.backend.name, self.device], 1)

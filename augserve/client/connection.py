@@ -1,0 +1,109 @@
+"""A connection to one augserve server."""
+
+from __future__ import annotations
+
+import grpc
+
+from augserve._proto.augserve.v1 import augserve_pb2 as pb
+from augserve._proto.augserve.v1 import augserve_pb2_grpc as pb_grpc
+from augserve.client.errors import AugserveClientError
+from augserve.client.stream import BatchStream
+from augserve.core.spec import AugmentSpec
+from augserve.rpc.convert import (
+    BAD_IMAGE_VALUES,
+    GROUP_POLICY_VALUES,
+    SPLIT_VALUES,
+    TRANSPORT_VALUES,
+    spec_to_proto,
+)
+from augserve.rpc.security import TlsFiles, channel_credentials, client_token
+from augserve.transport.ring import shared_memory_available, write_probe
+
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", 4 << 20)]
+
+
+class Client:
+    """A connection to one augserve server. `tls` (its `peer_ca` verifies the server; add a
+    certificate and key for mutual TLS) and `token` (default: $AUGSERVE_TOKEN) when the server
+    asks for them."""
+
+    def __init__(self, endpoint: str, timeout: float | None = None, token: str | None = None, tls: TlsFiles | None = None) -> None:
+        self.endpoint = endpoint
+        self.timeout = timeout
+        if tls is None:
+            self._channel = grpc.insecure_channel(endpoint, options=CHANNEL_OPTIONS)
+        else:
+            self._channel = grpc.secure_channel(endpoint, channel_credentials(tls), options=CHANNEL_OPTIONS)
+        token = client_token(token)
+        self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
+        self._stub = pb_grpc.AugmentStub(self._channel)
+
+    def list_datasets(self) -> list[pb.DatasetInfo]:
+        try:
+            return list(self._stub.ListDatasets(pb.ListDatasetsRequest(), timeout=self.timeout or 30, metadata=self._metadata).datasets)
+        except grpc.RpcError as error:
+            raise AugserveClientError.from_rpc(error) from None
+
+    def server_info(self) -> pb.ServerInfo:
+        try:
+            return self._stub.GetServerInfo(pb.ServerInfoRequest(), timeout=self.timeout or 30, metadata=self._metadata)
+        except grpc.RpcError as error:
+            raise AugserveClientError.from_rpc(error) from None
+
+    def stream(
+        self,
+        dataset: str,
+        *,
+        spec: AugmentSpec | None = None,
+        batch_size: int = 32,
+        seed: int = 0,
+        epochs: int = 1,
+        split: str = "train",
+        shard_index: int = 0,
+        shard_count: int = 1,
+        transport: str = "auto",
+        prefetch: int = 0,
+        resume_token: bytes = b"",
+        on_bad_image: str = "skip",
+        drop_last: bool = False,
+        eval_size: tuple[int, int] | None = None,
+        group_policy: str = "lockstep",
+        group_size: int = 0,
+    ) -> BatchStream:
+        """Open a session. epochs=0 streams endlessly; transport is auto | inband | shared_memory.
+        Sessions of the same stream share one producer; `group_size` makes a new group wait
+        (at most the server's group_wait_seconds) for that many members before producing."""
+        open_message = pb.OpenSession(
+            dataset=dataset,
+            split=SPLIT_VALUES[split],
+            batch_size=batch_size,
+            seed=seed,
+            epochs=epochs,
+            shard_index=shard_index,
+            shard_count=shard_count,
+            transport=TRANSPORT_VALUES[transport],
+            prefetch=prefetch,
+            resume_token=resume_token,
+            on_bad_image=BAD_IMAGE_VALUES[on_bad_image],
+            drop_last=drop_last,
+            eval_size=list(eval_size or ()),
+            group_policy=GROUP_POLICY_VALUES[group_policy],
+            group_size=group_size,
+        )
+        if spec is not None:
+            open_message.spec.CopyFrom(spec_to_proto(spec))
+        probe = None
+        if transport != "inband" and shared_memory_available():
+            probe, nonce = write_probe()
+            open_message.shm_probe_name = probe
+            open_message.shm_probe_nonce = nonce
+        return BatchStream(self._stub, open_message, probe, self.timeout, self._metadata)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

@@ -1,0 +1,296 @@
+"""Open sessions on the client side: one server's stream, or several servers' shards."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
+
+import grpc
+import numpy as np
+
+from augserve._proto.augserve.v1 import augserve_pb2 as pb
+from augserve._proto.augserve.v1 import augserve_pb2_grpc as pb_grpc
+from augserve.client.errors import AugserveClientError
+from augserve.client.tensors import IMAGENET_MEAN, IMAGENET_STD, to_torch
+from augserve.rpc.convert import tensor_from_proto
+from augserve.transport.ring import SlotReader, remove_probe
+
+if TYPE_CHECKING:
+    from augserve.client.connection import Client
+
+
+@dataclass(frozen=True)
+class SessionFacts:
+    """What the server said about a session when it opened."""
+
+    session_id: str
+    samples_per_epoch: int
+    batches_per_epoch: int
+    classes: tuple[str, ...]
+    backend: str
+    output_size: tuple[int, int]
+    transport: str
+    prefetch: int
+    start_epoch: int
+    start_position: int
+    shared: bool
+
+
+@dataclass
+class ReceivedBatch:
+    """One batch. `images` is [count, H, W, 3] uint8 RGB; with shared memory it maps the
+    server's slot and stays valid until the next batch is requested (copy it to keep it)."""
+
+    sequence: int
+    epoch: int
+    position: int
+    images: np.ndarray
+    labels: np.ndarray
+    sample_ids: np.ndarray
+    resume_token: bytes
+    skipped: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class EpochSummary:
+    epoch: int
+    samples: int
+    skipped: int
+
+
+class BatchStream:
+    """An open session. Iterate it for `ReceivedBatch`es; close it (or use `with`) when done."""
+
+    def __init__(
+        self,
+        stub: pb_grpc.AugmentStub,
+        open_message: pb.OpenSession,
+        probe: str | None,
+        timeout: float | None,
+        metadata: tuple[tuple[str, str], ...] = (),
+    ) -> None:
+        self._outgoing: queue.Queue[pb.ClientMessage | None] = queue.Queue()
+        self._outgoing.put(pb.ClientMessage(open=open_message))
+        self._probe = probe
+        self._readers: dict[str, SlotReader] = {}  # shared-memory segments by name
+        self._pending_release: int | None = None
+        self._closed = False
+        self._lock = threading.Lock()
+        self.last_resume_token: bytes = open_message.resume_token
+        self.epochs: list[EpochSummary] = []
+        self.end_reason: str | None = None
+        self._call = stub.Stream(iter(self._outgoing.get, None), timeout=timeout, metadata=metadata)
+        try:
+            first = next(self._call)
+        except grpc.RpcError as error:
+            self._cleanup()
+            raise AugserveClientError.from_rpc(error) from None
+        finally:
+            if probe is not None:
+                remove_probe(probe)
+                self._probe = None
+        info = first.info
+        self.facts = SessionFacts(
+            session_id=info.session_id,
+            samples_per_epoch=info.samples_per_epoch,
+            batches_per_epoch=info.batches_per_epoch,
+            classes=tuple(info.classes),
+            backend=info.backend,
+            output_size=(info.output_size[0], info.output_size[1]),
+            transport="shared_memory" if info.transport == pb.TRANSPORT_SHARED_MEMORY else "inband",
+            prefetch=info.prefetch,
+            start_epoch=info.start_epoch,
+            start_position=info.start_position,
+            shared=info.shared,
+        )
+        self._slot_bytes = info.slot_bytes
+        if info.shm_name:
+            self._readers[info.shm_name] = SlotReader(info.shm_name, info.slot_bytes)
+
+    def __iter__(self) -> Iterator[ReceivedBatch]:
+        try:
+            for message in self._call:
+                kind = message.WhichOneof("kind")
+                if kind == "batch":
+                    batch = self._receive(message.batch)
+                    self.last_resume_token = batch.resume_token
+                    yield batch
+                    # The caller asked for the next batch: free this one before waiting.
+                    self._acknowledge_previous()
+                elif kind == "epoch_end":
+                    end = message.epoch_end
+                    self.epochs.append(EpochSummary(end.epoch, end.samples, end.skipped))
+                elif kind == "end":
+                    self.end_reason = message.end.reason
+        except grpc.RpcError as error:
+            if self._closed and error.code() == grpc.StatusCode.CANCELLED:
+                return
+            raise AugserveClientError.from_rpc(error, self.last_resume_token) from None
+        finally:
+            self._acknowledge_previous()
+
+    def _receive(self, message: pb.Batch) -> ReceivedBatch:
+        height, width = self.facts.output_size
+        if message.shm_name:
+            reader = self._readers.get(message.shm_name)
+            if reader is None:  # the server moved this session to a producer of its own
+                reader = self._readers[message.shm_name] = SlotReader(message.shm_name, self._slot_bytes)
+            images = reader.view(message.slot, (message.count, height, width, 3))
+            self._pending_release = message.sequence
+        else:
+            images = tensor_from_proto(message.images)
+            self._pending_release = -1  # in-band: only a credit to send
+        return ReceivedBatch(
+            sequence=message.sequence,
+            epoch=message.epoch,
+            position=message.position,
+            images=images,
+            labels=np.array(message.labels, np.int64),
+            sample_ids=np.array(message.sample_ids, np.int64),
+            resume_token=message.resume_token,
+            skipped=list(message.skipped),
+        )
+
+    def _acknowledge_previous(self) -> None:
+        """The caller moved on: free the previous batch's slot and grant one more batch."""
+        sequence, self._pending_release = self._pending_release, None
+        if sequence is None or self._closed:
+            return
+        if sequence >= 0:
+            self._outgoing.put(pb.ClientMessage(release=pb.ReleaseSlot(sequence=sequence)))
+        self._outgoing.put(pb.ClientMessage(credit=pb.Credit(batches=1)))
+
+    def torch(
+        self,
+        device: Any = "cpu",
+        normalize: bool = True,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ) -> Iterator[tuple[Any, Any]]:
+        """(images, labels) as torch tensors on `device`: float32 [N, 3, H, W] normalized by
+        mean/std of [0, 1] pixels (or uint8 [N, H, W, 3] with normalize=False)."""
+        for batch in self:
+            yield to_torch(batch.images, batch.labels, device, normalize, mean, std)
+
+    @property
+    def resume_tokens(self) -> list[bytes]:
+        return [self.last_resume_token]
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._call.cancel()
+        self._cleanup()
+
+    def _cleanup(self) -> None:
+        self._outgoing.put(None)
+        for reader in self._readers.values():
+            reader.close()
+        self._readers.clear()
+        if self._probe is not None:
+            remove_probe(self._probe)
+            self._probe = None
+
+    def __enter__(self) -> BatchStream:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class ShardedStream:
+    """Batches of several servers, each streaming its own shard, interleaved round-robin within
+    each epoch (a batch of epoch e+1 waits until every server has finished epoch e)."""
+
+    def __init__(self, streams: list[BatchStream]) -> None:
+        self.streams = streams
+        # Tokens of the batches handed out, not of those fetched ahead and still pending.
+        self._tokens = [stream.last_resume_token for stream in streams]
+        first = streams[0].facts
+        self.facts = SessionFacts(
+            session_id=",".join(stream.facts.session_id for stream in streams),
+            samples_per_epoch=sum(stream.facts.samples_per_epoch for stream in streams),
+            batches_per_epoch=sum(stream.facts.batches_per_epoch for stream in streams),
+            classes=first.classes,
+            backend=first.backend,
+            output_size=first.output_size,
+            transport=first.transport,
+            prefetch=first.prefetch,
+            start_epoch=min(stream.facts.start_epoch for stream in streams),
+            start_position=first.start_position,
+            shared=all(stream.facts.shared for stream in streams),
+        )
+
+    def __iter__(self) -> Iterator[ReceivedBatch]:
+        iterators = [iter(stream) for stream in self.streams]
+        pending: list[ReceivedBatch | None] = [None] * len(iterators)
+        alive = [True] * len(iterators)
+        while True:
+            for index, iterator in enumerate(iterators):
+                if pending[index] is None and alive[index]:
+                    pending[index] = next(iterator, None)
+                    alive[index] = pending[index] is not None
+            live = [index for index in range(len(iterators)) if pending[index] is not None]
+            if not live:
+                return
+            epoch = min(pending[index].epoch for index in live)
+            for index in live:
+                if pending[index].epoch == epoch:
+                    batch, pending[index] = pending[index], None
+                    self._tokens[index] = batch.resume_token
+                    yield batch
+
+    torch = BatchStream.torch
+
+    @property
+    def resume_tokens(self) -> list[bytes]:
+        return list(self._tokens)
+
+    def close(self) -> None:
+        for stream in self.streams:
+            stream.close()
+
+    def __enter__(self) -> ShardedStream:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def open_stream(
+    clients: Sequence[Client],
+    dataset: str,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    resume_tokens: Sequence[bytes] = (),
+    **options: Any,
+) -> BatchStream | ShardedStream:
+    """A stream over one or several servers for data-parallel rank `rank` of `world_size`:
+    server i of n serves shard rank * n + i of world_size * n, so ranks and servers together
+    read disjoint shards that cover the split. `options` are `Client.stream`'s."""
+    count = len(clients)
+    tokens = list(resume_tokens) or [b""] * count
+    if len(tokens) != count:
+        raise ValueError(f"resume_tokens: {len(tokens)} tokens for {count} servers")
+    streams: list[BatchStream] = []
+    try:
+        for index, client in enumerate(clients):
+            streams.append(
+                client.stream(
+                    dataset,
+                    shard_index=rank * count + index,
+                    shard_count=world_size * count,
+                    resume_token=tokens[index],
+                    **options,
+                )
+            )
+    except BaseException:
+        for stream in streams:
+            stream.close()
+        raise
+    return streams[0] if count == 1 else ShardedStream(streams)

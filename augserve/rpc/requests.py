@@ -1,0 +1,73 @@
+"""Parsing an OpenSession into a `SessionRequest`, with field-named validation (server side).
+
+Every check raises `SpecError` naming the message field, which the server turns into
+INVALID_ARGUMENT.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from augserve._proto.augserve.v1 import augserve_pb2 as pb
+from augserve.core.errors import SpecError
+from augserve.core.plan import MAX_SEED
+from augserve.core.policy import BadImagePolicy
+from augserve.core.spec import AugmentSpec
+from augserve.rpc.convert import (
+    BAD_IMAGE_NAMES,
+    GROUP_POLICY_NAMES,
+    SPLIT_NAMES,
+    TRANSPORT_NAMES,
+    enum_name,
+    spec_from_proto,
+)
+from augserve.streaming.keys import ResumeToken
+from augserve.streaming.request import SessionRequest
+
+
+def parse_open(
+    message: pb.OpenSession, eval_spec_for: Callable[[tuple[int, int]], AugmentSpec], max_pixels: int
+) -> SessionRequest:
+    """Validate an OpenSession; `eval_spec_for((h, w))` gives the default validation spec."""
+    if not message.dataset:
+        raise SpecError("open.dataset", "required: the name of a dataset this server serves")
+    if len(message.dataset) > 256:
+        raise SpecError("open.dataset", "longer than 256 characters")
+    split = enum_name("open.split", message.split, SPLIT_NAMES)
+    if message.HasField("spec"):
+        spec = spec_from_proto(message.spec)
+    elif split == "validation" and message.eval_size:
+        if len(message.eval_size) != 2 or not all(1 <= side <= 8192 for side in message.eval_size):
+            raise SpecError("open.eval_size", "expected [height, width], each in [1, 8192]")
+        spec = eval_spec_for(tuple(message.eval_size))
+    else:
+        spec = AugmentSpec()
+    if message.batch_size < 1:
+        raise SpecError("open.batch_size", "must be at least 1")
+    shard_count = message.shard_count or 1
+    if message.shard_index >= shard_count:
+        raise SpecError("open.shard_index", f"{message.shard_index} is not below shard_count {shard_count}")
+    if message.epochs > 1_000_000:
+        raise SpecError("open.epochs", f"{message.epochs} is over 1000000 (0 means endless)")
+    if message.seed > MAX_SEED:
+        raise SpecError("open.seed", f"{message.seed} is over the largest seed {MAX_SEED}")
+    resume = ResumeToken.decode(message.resume_token) if message.resume_token else None
+    return SessionRequest(
+        dataset=message.dataset,
+        split=split,
+        spec=spec,
+        batch_size=message.batch_size,
+        seed=message.seed,
+        epochs=message.epochs,
+        shard_index=message.shard_index,
+        shard_count=shard_count,
+        transport=enum_name("open.transport", message.transport, TRANSPORT_NAMES),
+        prefetch=message.prefetch,
+        resume=resume,
+        bad_image_policy=BadImagePolicy(enum_name("open.on_bad_image", message.on_bad_image, BAD_IMAGE_NAMES), max_pixels),
+        drop_last=message.drop_last,
+        group_policy=enum_name("open.group_policy", message.group_policy, GROUP_POLICY_NAMES),
+        group_size=message.group_size,
+        shm_probe_name=message.shm_probe_name,
+        shm_probe_nonce=message.shm_probe_nonce,
+    )

@@ -1,0 +1,42 @@
+"""The server's limits: each one exceeded is answered with a status that names it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from augserve.core.errors import SpecError
+from augserve.core.policy import DEFAULT_MAX_PIXELS
+from augserve.core.spec import MAX_OPS
+
+BATCH_OVERHEAD_BYTES = 1 << 20  # room for labels, ids, tokens and skipped names in a message
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Server limits. Each one exceeded is answered with a clear status."""
+
+    max_sessions: int = 64
+    max_batch_size: int = 1024
+    max_output_pixels: int = 4096 * 4096  # per image
+    max_spec_ops: int = MAX_OPS
+    max_prefetch: int = 16
+    default_prefetch: int = 4
+    max_batch_bytes: int = 256 << 20  # images of one batch
+    max_buffer_bytes: int = 4 << 30  # all producers' rings together
+    max_decoded_pixels: int = DEFAULT_MAX_PIXELS  # per source image (decompression bombs)
+    group_window: int = 8  # slots beyond a producer's prefetch, for members to drift apart
+    stall_seconds: float = 30.0  # a lockstep member that long without consuming is detached
+    group_wait_seconds: float = 30.0  # longest a new group waits for its announced members
+
+    def __post_init__(self) -> None:
+        for name in ("max_sessions", "max_batch_size", "max_output_pixels", "max_prefetch", "default_prefetch"):
+            if getattr(self, name) < 1:
+                raise SpecError(name, "must be at least 1")
+        if self.default_prefetch > self.max_prefetch:
+            raise SpecError("default_prefetch", f"is over max_prefetch {self.max_prefetch}")
+        if self.group_window < 1:
+            raise SpecError("group_window", "must be at least 1")
+
+    @property
+    def max_message_bytes(self) -> int:
+        return self.max_batch_bytes + BATCH_OVERHEAD_BYTES
