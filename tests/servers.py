@@ -8,14 +8,17 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import TypeVar
 
 from augserve.rpc.server import AugserveServer, DatasetConfig, ServerConfig, create_server
-from augserve.streaming.manager import Limits
+from augserve.streaming.limits import Limits
 from augserve.core.spec import AugmentSpec
 from augserve.transport.ring import our_segments
+
+T = TypeVar("T")
 
 
 @contextmanager
@@ -69,13 +72,31 @@ def segments_of(pid: int) -> list[Path]:
     return [path for path in our_segments() if path.name.split("-")[2] == str(pid)]
 
 
-def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05) -> bool:
+def wait_until(predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.05) -> bool:
+    """Poll `predicate` every `interval` seconds until it is true; whether it was, within
+    `timeout` seconds (it is asked once more at the deadline)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
             return True
         time.sleep(interval)
-    return predicate()
+    return bool(predicate())
+
+
+def wait_until_steady(read: Callable[[], T], quiet: float = 0.5, timeout: float = 30.0) -> T | None:
+    """Read every `quiet` seconds until two readings in a row are equal (nothing changed for
+    `quiet` seconds); that reading, or None if it still changed after `timeout` seconds. For
+    waiting until something stops, which no event announces."""
+    deadline = time.monotonic() + timeout
+    previous = read()
+    while True:
+        time.sleep(quiet)  # the quiet period itself: readings taken closer say nothing
+        current = read()
+        if current == previous:
+            return current
+        if time.monotonic() > deadline:
+            return None
+        previous = current
 
 
 def own_segments() -> list[Path]:

@@ -3,7 +3,6 @@ health, reflection, and the ListDatasets / GetServerInfo calls."""
 
 from __future__ import annotations
 
-import threading
 from collections import Counter
 from pathlib import Path
 
@@ -119,21 +118,31 @@ def test_auto_transport_picks_shared_memory_on_the_same_host(client):
 
 
 def test_credits_bound_how_far_the_server_runs_ahead(server, client):
-    """A client that never acknowledges gets exactly `prefetch` batches."""
-    stub_stream = client.stream("shapes", spec=SPEC, batch_size=2, epochs=0, prefetch=2, transport="inband")
+    """A client that never acknowledges gets exactly `prefetch` batches, though the server has
+    more made; and the producer stops within its ring (prefetch + group_window slots) of them."""
+    assert wait_until(lambda: client.server_info().live_sessions == 0)  # the counters are ours alone
+    before = client.server_info()
+    prefetch, window = 2, server.config.limits.group_window
+    stub_stream = client.stream("shapes", spec=SPEC, batch_size=2, epochs=0, prefetch=prefetch, transport="inband")
     received = []
     call = stub_stream._call
     for message in call:
         if message.WhichOneof("kind") == "batch":
             received.append(message.batch.sequence)
-            if len(received) == 2:
+            if len(received) == prefetch:
                 break
-    info_before = client.server_info()
-    threading.Event().wait(1.0)
-    info_after = client.server_info()
-    assert info_after.batches_delivered == info_before.batches_delivered
-    producer_bound = 2 + server.config.limits.group_window
-    assert info_after.batches_produced - info_before.batches_produced <= producer_bound
+
+    def made_and_sent() -> tuple[int, int]:
+        info = client.server_info()
+        return info.batches_produced - before.batches_produced, info.batches_delivered - before.batches_delivered
+
+    # The event: a ring's worth of batches made, so the server has batches it could send.
+    assert wait_until(lambda: made_and_sent()[0] >= prefetch + window, timeout=60), made_and_sent()
+    # Sending nothing more is no event; a second is far longer than sending a ready batch takes.
+    assert not wait_until(lambda: made_and_sent()[1] > prefetch, timeout=1.0), made_and_sent()
+    produced, delivered = made_and_sent()
+    assert delivered == prefetch
+    assert produced <= prefetch + prefetch + window, produced  # what was sent, plus a full ring
     stub_stream.close()
     assert wait_until(lambda: client.server_info().live_sessions == 0)
 

@@ -3,11 +3,13 @@ SIGTERM release everything; a restarted server resumes a stream byte-identically
 
 from __future__ import annotations
 
+import importlib.util
 import signal
 import subprocess
 import sys
 import threading
 from pathlib import Path
+from types import ModuleType
 
 import grpc
 import numpy as np
@@ -23,6 +25,7 @@ from augserve.rpc.convert import spec_to_proto
 from servers import ServerProcess, own_segments, running_server, segments_of, start_streaming_client, wait_until
 
 SPEC = AugmentSpec.from_dict({"ops": [{"rotate": {"degrees": 15}}, {"random_resized_crop": {"size": 24}}]})
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -248,12 +251,51 @@ def test_restarted_server_resumes_byte_identically(tmp_path, dataset_root):
     assert all(a.tobytes() == b.tobytes() for a, b in zip(head + tail, whole))
 
 
+def load_generator() -> ModuleType:
+    """scripts/generate_protos.py as a module (scripts/ is no package)."""
+    spec = importlib.util.spec_from_file_location("generate_protos", ROOT / "scripts" / "generate_protos.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_generated_stubs_are_current(tmp_path):
-    root = Path(__file__).resolve().parent.parent
-    subprocess.run([sys.executable, str(root / "scripts" / "generate_protos.py"), "--out", str(tmp_path)], check=True, capture_output=True)
-    for generated in sorted((tmp_path / "augserve" / "_proto").rglob("*_pb2*.py*")):
-        checked_in = root / generated.relative_to(tmp_path)
-        assert checked_in.read_text() == generated.read_text(), f"{checked_in} is stale: run scripts/generate_protos.py"
+    generator = load_generator()
+    installed, pinned = generator.installed_generator_version(), generator.pinned_generator_version()
+    # Another grpcio-tools writes other text from the same protos: name the fix, not a diff.
+    assert installed == pinned, generator.generator_mismatch(installed, pinned)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "generate_protos.py"), "--out", str(tmp_path)],
+        capture_output=True, text=True, check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    generated = {path.relative_to(tmp_path) for path in (tmp_path / "augserve" / "_proto").rglob("*_pb2*.py*")}
+    checked_in = {path.relative_to(ROOT) for path in (ROOT / "augserve" / "_proto").rglob("*_pb2*.py*")}
+    # Equal sets: a stub nobody regenerates, or a run that wrote nothing, is stale too.
+    assert generated and generated == checked_in, (sorted(map(str, generated)), sorted(map(str, checked_in)))
+    for relative in sorted(generated):
+        assert (ROOT / relative).read_text() == (tmp_path / relative).read_text(), (
+            f"{relative} is stale: run scripts/generate_protos.py"
+        )
+
+
+def test_the_stub_generator_refuses_another_grpcio_tools(tmp_path, monkeypatch):
+    generator = load_generator()
+    assert generator.generator_mismatch("1.85.1", "1.85.1") is None
+    monkeypatch.setattr(generator, "installed_generator_version", lambda: "0.0.1")
+    with pytest.raises(SystemExit, match=r"0\.0\.1 is installed, but pyproject.toml pins grpcio-tools=="):
+        generator.generate(tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # refused before writing anything
+    for installed, found in (("1.80.0", "1.80.0 is installed"), (None, "is not installed")):
+        message = generator.generator_mismatch(installed, "1.85.1")
+        assert found in message and "pip install 'grpcio-tools==1.85.1'" in message, message
+    # The pin is read from pyproject.toml's test extra, whatever else it lists.
+    pyproject = tmp_path / "pyproject.toml"
+    pyproject.write_text('[project.optional-dependencies]\ntest = ["pytest>=8", "grpcio_tools == 1.2.3"]\n')
+    assert generator.pinned_generator_version(pyproject) == "1.2.3"
+    pyproject.write_text('[project.optional-dependencies]\ntest = ["grpcio-tools>=1.2"]\n')
+    with pytest.raises(SystemExit, match="pin the stub generator exactly once"):
+        generator.pinned_generator_version(pyproject)
 
 
 def test_stale_probe_files_are_removed_at_start(tmp_path):

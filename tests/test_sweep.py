@@ -30,9 +30,13 @@ def test_grid_random_and_explicit_runs_are_planned_and_validated():
     assert {(p.config.optimizer.name, p.config.optimizer.learning_rate) for p in plans[1:5]} == {
         ("sgd", 0.1), ("sgd", 0.01), ("adam", 0.1), ("adam", 0.01)
     }
-    assert all(1e-4 <= p.config.optimizer.learning_rate <= 1e-1 for p in plans[5:])
+    drawn = [p.config.optimizer.learning_rate for p in plans[5:]]
+    assert all(1e-4 <= rate <= 1e-1 for rate in drawn)
+    assert len(set(drawn)) == 3  # three draws, not one value three times
     assert all(p.config.data.epochs == 2 for p in plans)
-    assert plans[5:] == plan_runs(sweep, {"data.epochs": 2})[5:]  # seeded
+    assert plans[5:] == plan_runs(sweep, {"data.epochs": 2})[5:]  # the same seed draws the same
+    reseeded = plan_runs({**sweep, "random": {**sweep["random"], "seed": 2}}, {"data.epochs": 2})
+    assert [p.config.optimizer.learning_rate for p in reseeded[5:]] != drawn  # another seed, others
     assert len({p.name for p in plans}) == len(plans)
 
 

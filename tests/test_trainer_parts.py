@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import math
+import random
 import re
 
 import pytest
@@ -141,11 +142,24 @@ def test_model_sizes_are_configurable():
 
 
 def test_rnn_reads_rows_as_timesteps():
+    """The two-layer GRU run by hand, one row at a time (row t of every channel, channel after
+    channel, is timestep t), with the model's weights in GRUCells: the head of the last layer's
+    final state is the model's output. Square images, so that reading columns instead would
+    still fit the shapes."""
     torch.manual_seed(0)
-    rnn = build_model(ModelConfig(name="rnn", rnn_hidden_size=6), (3, 4, 5), 2)
-    images = torch.randn(2, 3, 4, 5)
-    _, hidden = rnn.gru(images.permute(0, 2, 1, 3).reshape(2, 4, 15))
-    torch.testing.assert_close(rnn(images), rnn.head(hidden[-1]))
+    rnn = build_model(ModelConfig(name="rnn", rnn_hidden_size=6, rnn_layers=2), (3, 5, 5), 2)
+    images = torch.randn(2, 3, 5, 5)
+    cells = [nn.GRUCell(15, 6), nn.GRUCell(6, 6)]
+    with torch.no_grad():
+        for layer, cell in enumerate(cells):
+            for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                getattr(cell, name).copy_(getattr(rnn.gru, f"{name}_l{layer}"))
+        states = [torch.zeros(2, 6), torch.zeros(2, 6)]
+        for row in range(5):
+            features = torch.cat([images[:, channel, row, :] for channel in range(3)], dim=1)
+            states[0] = cells[0](features, states[0])
+            states[1] = cells[1](states[0], states[1])
+        torch.testing.assert_close(rnn(images), rnn.head(states[1]))
     with pytest.raises(ValueError, match="channels \\* width"):
         rnn(torch.zeros(1, 3, 4, 6))
 
@@ -384,9 +398,84 @@ def test_cosine_schedule_with_warmup(floor):
     assert learning_rate(config, total + 50, total, base) == pytest.approx(floor * base, abs=1e-12)
 
 
-def test_schedule_is_pure_and_applies_to_every_group():
+def test_warmup_then_cosine_at_chosen_steps():
+    """Base 0.8, 4 warmup steps of 12, floor 0.25 * 0.8 = 0.2; worked out by hand from the
+    formulas in trainer/schedule.py's docstrings."""
+    config = ScheduleConfig(name="cosine", warmup_steps=4, min_learning_rate_fraction=0.25)
+    expected = {
+        0: 0.16,  # warmup: 0.8 * (0 + 1) / (4 + 1)
+        3: 0.64,  # 0.8 * 4 / 5
+        4: 0.8,  # warmup over: cosine at progress 0 of its 8 steps
+        6: 0.7121320343559643,  # progress 1/4: 0.2 + 0.6 * (1 + cos(pi / 4)) / 2
+        8: 0.5,  # half way: 0.2 + 0.6 / 2
+        10: 0.2878679656440358,  # progress 3/4: 0.2 + 0.6 * (1 - cos(pi / 4)) / 2
+        12: 0.2,  # the floor at step == total_steps
+        30: 0.2,  # and ever after
+    }
+    actual = {step: learning_rate(config, step, 12, 0.8) for step in expected}
+    assert actual == pytest.approx(expected, rel=1e-12)
+
+
+def torch_reference_rates(config: ScheduleConfig, total_steps: int, base_lr: float) -> list[float]:
+    """The rates of steps 0..total_steps from torch.optim.lr_scheduler's own schedulers: LinearLR
+    for the warmup, then CosineAnnealingLR, StepLR or a constant factor of 1."""
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=base_lr)
+    schedulers = torch.optim.lr_scheduler
+    if config.name == "cosine":
+        eta_min = config.min_learning_rate_fraction * base_lr
+        decay = schedulers.CosineAnnealingLR(optimizer, total_steps - config.warmup_steps, eta_min)
+    elif config.name == "step":
+        decay = schedulers.StepLR(optimizer, config.decay_every_steps, config.gamma)
+    else:
+        decay = schedulers.ConstantLR(optimizer, factor=1.0, total_iters=0)
+    scheduler = decay
+    if config.warmup_steps:
+        warmup = schedulers.LinearLR(
+            optimizer, 1 / (config.warmup_steps + 1), 1.0, total_iters=config.warmup_steps
+        )
+        scheduler = schedulers.SequentialLR(optimizer, [warmup, decay], [config.warmup_steps])
+    rates = []
+    for _ in range(total_steps + 1):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()  # no gradients: nothing moves, but torch wants it before scheduler.step
+        scheduler.step()
+    return rates
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        ScheduleConfig(name="constant"),
+        ScheduleConfig(name="constant", warmup_steps=3),
+        ScheduleConfig(name="step", decay_every_steps=4, gamma=0.5),
+        ScheduleConfig(name="step", warmup_steps=5, decay_every_steps=7, gamma=0.3),
+        ScheduleConfig(name="cosine"),
+        ScheduleConfig(name="cosine", warmup_steps=7, min_learning_rate_fraction=0.1),
+    ],
+    ids=lambda config: f"{config.name}-warmup{config.warmup_steps}",
+)
+def test_schedules_equal_torch_lr_schedulers(config):
+    total, base = 40, 0.3
+    ours = [learning_rate(config, step, total, base) for step in range(total + 1)]
+    # torch's cosine is recursive (each rate from the one before): rounding, not a formula, apart.
+    assert ours == pytest.approx(torch_reference_rates(config, total, base), rel=1e-9, abs=1e-15)
+
+
+def test_schedule_depends_only_on_its_arguments():
+    """A resumed run asks for its first step with no calls before it: rates asked for in a
+    shuffled order equal those asked for in order (a schedule that kept state, as torch's
+    recursive schedulers do, would not)."""
     config = ScheduleConfig(name="cosine", warmup_steps=3)
-    assert learning_rate(config, 7, 20, 0.1) == learning_rate(config, 7, 20, 0.1)
+    in_order = [learning_rate(config, step, 20, 0.1) for step in range(25)]
+    steps = list(range(25))
+    random.Random(0).shuffle(steps)
+    shuffled = {step: learning_rate(config, step, 20, 0.1) for step in steps}
+    assert [shuffled[step] for step in range(25)] == in_order
+    assert len(set(in_order)) > 20  # a schedule that moves, so the orders could disagree
+
+
+def test_set_learning_rate_applies_to_every_group_and_steps_are_checked():
+    config = ScheduleConfig(name="cosine", warmup_steps=3)
     model = small_network()
     optimizer = build_optimizer(OptimizerConfig(name="sgd", learning_rate=0.1), model)
     set_learning_rate(optimizer, learning_rate(config, 0, 20, 0.1))
@@ -398,9 +487,6 @@ def test_schedule_is_pure_and_applies_to_every_group():
 
 
 # --- config validation -------------------------------------------------------------------------
-
-CONFIGS = [ModelConfig, OptimizerConfig, ScheduleConfig, LossConfig]
-
 
 @pytest.mark.parametrize(
     ("config_class", "data", "field"),
@@ -448,13 +534,34 @@ def test_configs_validate_on_construction_too():
         ModelConfig(name="vgg")
 
 
-@pytest.mark.parametrize("config_class", CONFIGS)
-def test_configs_round_trip_through_yaml(config_class):
-    config = config_class()
+# Every field away from its default: a round trip of defaults alone would pass even if
+# from_dict ignored its input.
+NON_DEFAULT_CONFIGS = [
+    ModelConfig(
+        name="rnn", hidden_sizes=(7, 5), conv_widths=(4,), stage_widths=(8, 8, 16, 16),
+        blocks_per_stage=1, rnn_hidden_size=9, rnn_layers=2, dropout=0.25,
+    ),
+    OptimizerConfig(
+        name="rmsprop", learning_rate=0.02, momentum=0.5, betas=(0.8, 0.95), eps=1e-6,
+        rmsprop_alpha=0.9, weight_decay=0.01, decay_biases_and_norms=True,
+    ),
+    ScheduleConfig(
+        name="step", warmup_steps=3, decay_every_steps=7, gamma=0.5, min_learning_rate_fraction=0.1
+    ),
+    LossConfig(name="mse", l1=0.01, l2=0.02, penalize_biases_and_norms=True),
+]
+
+
+@pytest.mark.parametrize("config", NON_DEFAULT_CONFIGS, ids=lambda config: type(config).__name__)
+def test_configs_round_trip_through_yaml(config):
+    config_class = type(config)
+    defaults = config_class()
+    assert all(
+        getattr(config, name) != getattr(defaults, name) for name in config.to_dict()
+    ), "every field should differ from its default"
     data = yaml.safe_load(yaml.safe_dump(config.to_dict()))
     assert config_class.from_dict(data) == config
-    assert config_class.from_dict(None) == config
-    assert config == config_class.from_dict({})
+    assert config_class.from_dict(None) == defaults == config_class.from_dict({})
 
 
 def test_from_dict_converts_lists_and_integers():
