@@ -86,9 +86,9 @@ class AugserveServer:
         message_bytes = config.limits.max_message_bytes
         self.tokens = load_tokens(config.token_file)
         self.grpc_server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=config.limits.max_sessions + 16, thread_name_prefix="augserve-rpc"),
+            futures.ThreadPoolExecutor(max_workers=config.limits.rpc_threads, thread_name_prefix="augserve-rpc"),
             interceptors=[TolerantDecoding(), *([TokenInterceptor(self.tokens)] if self.tokens else [])],
-            maximum_concurrent_rpcs=config.limits.max_sessions + 16,
+            maximum_concurrent_rpcs=config.limits.rpc_threads,
             options=[
                 ("grpc.max_send_message_length", message_bytes),
                 ("grpc.max_receive_message_length", 4 << 20),
@@ -96,7 +96,8 @@ class AugserveServer:
             ],
         )
         self.device = "cpu" if self.backend.name in ("opencv", "dali-cpu") else f"cuda:{getattr(self.backend, 'device_id', 0)}"
-        pb_grpc.add_AugmentServicer_to_server(AugmentServicer(self.manager, self.device), self.grpc_server)
+        self.servicer = AugmentServicer(self.manager, self.device)
+        pb_grpc.add_AugmentServicer_to_server(self.servicer, self.grpc_server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc_server)

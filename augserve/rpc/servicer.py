@@ -18,6 +18,7 @@ from augserve._proto.augserve.v1 import augserve_pb2 as pb
 from augserve._proto.augserve.v1 import augserve_pb2_grpc as pb_grpc
 from augserve.core.errors import SpecError
 from augserve.core.spec import eval_spec
+from augserve.rpc.admission import PendingOpens, peer_host
 from augserve.rpc.convert import RESUME_METADATA_KEY
 from augserve.rpc.messages import event_message, limits_to_proto, session_info
 from augserve.rpc.requests import parse_open
@@ -36,11 +37,13 @@ class AugmentServicer(pb_grpc.AugmentServicer):
     def __init__(self, manager: SessionManager, device: str) -> None:
         self.manager = manager
         self.device = device
+        self.pending = PendingOpens(manager.limits.max_pending_opens, manager.limits.max_pending_opens_per_peer)
 
     def Stream(self, request_iterator: Iterator[pb.ClientMessage], context: grpc.ServicerContext) -> Iterator[pb.ServerMessage]:
         session: Session | None = None
+        host = peer_host(context.peer())
         try:
-            first = next(request_iterator, None)
+            first = self._first_message(request_iterator, context, host)
             if first is None:
                 return
             if isinstance(first, Undecodable):
@@ -59,12 +62,32 @@ class AugmentServicer(pb_grpc.AugmentServicer):
                 yield event_message(event)
         except Exception as error:
             code, message = status_of(error)
+            if session is None:
+                log.info("refused a stream from %s: %s %s", host, code.name, message)
             if session is not None and session.last_token:
                 context.set_trailing_metadata(((RESUME_METADATA_KEY, session.last_token),))
             context.abort(code, message)
         finally:
             if session is not None:
                 self.manager.close(session)
+
+    def _first_message(
+        self, request_iterator: Iterator[pb.ClientMessage], context: grpc.ServicerContext, host: str
+    ) -> pb.ClientMessage | Undecodable | None:
+        """The stream's first message, or None when the call is cut first: after
+        `open_timeout_seconds`, or to make room for newer streams (`PendingOpens`)."""
+        ticket = self.pending.enter(host, context.cancel)
+        timer = threading.Timer(self.manager.limits.open_timeout_seconds, context.cancel)
+        timer.daemon = True
+        timer.start()
+        try:
+            return next(request_iterator, None)
+        except grpc.RpcError:
+            log.info("cut a stream from %s before its open message", host)
+            return None
+        finally:
+            timer.cancel()
+            self.pending.leave(ticket)
 
     def ListDatasets(self, request: pb.ListDatasetsRequest, context: grpc.ServicerContext) -> pb.ListDatasetsResponse:
         if isinstance(request, Undecodable):

@@ -9,6 +9,7 @@ from augserve.core.policy import DEFAULT_MAX_PIXELS
 from augserve.core.spec import MAX_OPS
 
 BATCH_OVERHEAD_BYTES = 1 << 20  # room for labels, ids, tokens and skipped names in a message
+UNARY_THREADS = 16  # RPC threads kept for unary calls beyond every stream the limits allow
 
 
 @dataclass(frozen=True)
@@ -27,15 +28,29 @@ class Limits:
     group_window: int = 8  # slots beyond a producer's prefetch, for members to drift apart
     stall_seconds: float = 30.0  # a lockstep member that long without consuming is detached
     group_wait_seconds: float = 30.0  # longest a new group waits for its announced members
+    open_timeout_seconds: float = 10.0  # a stream without its open message that long is cut
+    max_pending_opens: int = 32  # streams waiting for their open message (past it the oldest is cut)
+    max_pending_opens_per_peer: int = 8  # ... from one peer host
 
     def __post_init__(self) -> None:
-        for name in ("max_sessions", "max_batch_size", "max_output_pixels", "max_prefetch", "default_prefetch"):
+        for name in (
+            "max_sessions", "max_batch_size", "max_output_pixels", "max_prefetch", "default_prefetch",
+            "max_pending_opens", "max_pending_opens_per_peer",
+        ):
             if getattr(self, name) < 1:
                 raise SpecError(name, "must be at least 1")
         if self.default_prefetch > self.max_prefetch:
             raise SpecError("default_prefetch", f"is over max_prefetch {self.max_prefetch}")
         if self.group_window < 1:
             raise SpecError("group_window", "must be at least 1")
+        if not self.open_timeout_seconds > 0:
+            raise SpecError("open_timeout_seconds", "must be positive")
+
+    @property
+    def rpc_threads(self) -> int:
+        """RPC worker threads: every session and pending open, and room for unary calls
+        (health checks, ListDatasets) that no number of streams can take."""
+        return self.max_sessions + self.max_pending_opens + UNARY_THREADS
 
     @property
     def max_message_bytes(self) -> int:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from augserve.backends.base import Backend
 from augserve.core.errors import LimitError, NotFoundError, SpecError, UnavailableError
 from augserve.core.images import HeaderCache
+from augserve.core.plan import MAX_EPOCH
 from augserve.data.datasets import Dataset
 from augserve.streaming import groups
 from augserve.streaming.counters import CounterValues, Counters
@@ -33,6 +34,9 @@ from augserve.transport.ring import probe_matches, shared_memory_available
 log = logging.getLogger(__name__)
 
 SUPERVISE_SECONDS = 0.25  # how often the supervisor looks at groups even when nobody woke it
+# An in-band batch exists up to this many times while it is sent (the bytes taken from the slot,
+# the message's copy, its serialization, gRPC's buffers); the budget reserves that per session.
+INBAND_COPIES = 4
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,7 @@ class SessionManager:
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
+        self._inband_bytes: dict[str, int] = {}  # per session: INBAND_COPIES batches, or 0
         self._wake = threading.Event()
         self._closed = False
         self._supervisor = threading.Thread(target=self._supervise, name="augserve-groups", daemon=True)
@@ -104,18 +109,22 @@ class SessionManager:
         )
         cursor = self._start_cursor(request, key, shard_size)
         prefetch = request.prefetch or self.limits.default_prefetch
+        # Endless streams end after the last epoch plans can number.
+        end_epoch = request.epochs or MAX_EPOCH + 1
+        inband_bytes = 0 if shared_memory else INBAND_COPIES * request.batch_size * output_size[0] * output_size[1] * 3
         with self._lock:
             self._reap()
             if self.shutting_down:
                 raise UnavailableError("server is shutting down")
             if len(self.sessions) >= self.limits.max_sessions:
                 raise LimitError(f"server is full: {self.limits.max_sessions} sessions are open (limit max_sessions)")
-            session = Session(request, key, cursor, request.epochs or None, prefetch, self.counters)
+            self._check_budget(inband_bytes, "this stream's in-band messages")
+            session = Session(request, key, cursor, end_epoch, prefetch, self.counters)
             producer = None if request.group_policy == "alone" else self._join(session, cursor)
             if producer is None:
                 producer = self._new_producer(
                     key, dataset, request.spec, split_ids, output_size, cursor,
-                    prefetch, max(1, request.group_size), "this stream",
+                    prefetch, max(1, request.group_size), "this stream", reserved=inband_bytes,
                 )
                 with producer.condition:
                     session.attach(producer, 0)
@@ -123,6 +132,7 @@ class SessionManager:
                 self.producers[producer.id] = producer
                 producer.start()
             self.sessions[session.id] = session
+            self._inband_bytes[session.id] = inband_bytes
             self.counters.add(sessions_opened=1)
         log.info(
             "session %s opened: dataset=%s split=%s batch=%d seed=%d shard=%d/%d transport=%s producer=%d%s",
@@ -218,22 +228,27 @@ class SessionManager:
         prefetch: int,
         expected_members: int,
         purpose: str,
+        reserved: int = 0,
     ) -> Producer:
-        """A producer (not started, not registered) within the memory budget (manager lock held)."""
+        """A producer (not started, not registered) within the memory budget, beside `reserved`
+        bytes the caller is about to take (manager lock held)."""
         slot_count = prefetch + self.limits.group_window
-        needed = slot_count * key.batch_size * output_size[0] * output_size[1] * 3
-        left = self.limits.max_buffer_bytes - self.buffer_bytes
-        if needed > left:
-            raise LimitError(
-                f"server memory budget exhausted: {purpose} needs {needed} bytes of batch buffers, "
-                f"{left} are left (limit max_buffer_bytes)"
-            )
+        self._check_budget(reserved + slot_count * key.batch_size * output_size[0] * output_size[1] * 3, purpose)
         return Producer(
             key=key, dataset=dataset, spec=spec, split_ids=split_ids, output_size=output_size,
             cursor=cursor, slot_count=slot_count, backend=self.backend, scheduler=self.scheduler,
             headers=self.headers, counters=self.counters, group_wait_seconds=self.limits.group_wait_seconds,
             wake_manager=self._wake, expected_members=expected_members,
         )
+
+    def _check_budget(self, needed: int, purpose: str) -> None:
+        """Refuse what would take the server past max_buffer_bytes (manager lock held)."""
+        left = self.limits.max_buffer_bytes - self.buffer_bytes
+        if needed > left:
+            raise LimitError(
+                f"server memory budget exhausted: {purpose} needs {needed} bytes of batch buffers, "
+                f"{left} are left (limit max_buffer_bytes)"
+            )
 
     def _facts(self, session: Session, producer: Producer) -> StreamFacts:
         return StreamFacts(
@@ -325,6 +340,7 @@ class SessionManager:
         with self._lock:
             if self.sessions.pop(session.id, None) is None:
                 return
+            self._inband_bytes.pop(session.id, None)
             with session.locked() as producer:
                 producer.drop_all(session.id)
                 if session in producer.members:
@@ -379,7 +395,9 @@ class SessionManager:
 
     @property
     def buffer_bytes(self) -> int:
-        return sum(producer.ring.slot_count * producer.slot_bytes for producer in self.producers.values())
+        """Bytes of every ring and of every in-band session's messages in flight."""
+        rings = sum(producer.ring.slot_count * producer.slot_bytes for producer in self.producers.values())
+        return rings + sum(self._inband_bytes.values())
 
     def snapshot(self) -> ManagerSnapshot:
         with self._lock:

@@ -114,6 +114,7 @@ class Session:
         self.credits = CreditWindow(granted=prefetch)
         self.images_sent = 0
         # Shared memory: batches sent and not yet released, by the session's sequence number.
+        # At most `prefetch` of them: what a client holds is bounded whatever credit it grants.
         self.outstanding: dict[int, tuple[Producer, int]] = {}
         self.last_token = b""
         self.last_consumed = time.monotonic()
@@ -210,7 +211,7 @@ class Session:
                     if self.failure is not None:
                         raise self.failure
                     ready = producer.slots.get(self.next_sequence)
-                    if ready is not None and self.credits.may_send:
+                    if ready is not None and self.credits.may_send and len(self.outstanding) < self.prefetch:
                         return self._deliver(producer, ready)
                     if ready is None and producer.error is not None:
                         raise producer.error
