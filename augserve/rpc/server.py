@@ -55,7 +55,7 @@ class ServerConfig:
     limits: Limits = field(default_factory=Limits)
     grace_seconds: float = 10.0
     metrics_port: int | None = None  # Prometheus /metrics on this port (0: any free port)
-    metrics_host: str | None = None  # default: the same address as the gRPC server
+    metrics_host: str | None = None  # default: 127.0.0.1 without tokens, the gRPC host with them
     tls: TlsFiles | None = None  # certificate, key, and a client CA for mutual TLS
     token_file: str | None = None  # bearer tokens, one per line (and AUGSERVE_TOKENS)
 
@@ -121,8 +121,8 @@ class AugserveServer:
     def start(self) -> AugserveServer:
         self.grpc_server.start()
         if self.config.metrics_port is not None:
-            host = self.config.metrics_host or self.config.host
-            self.metrics = MetricsEndpoint(self.manager, self.device, host, self.config.metrics_port)
+            host = MetricsEndpoint.bind_host(self.config.metrics_host, self.config.host, self.tokens)
+            self.metrics = MetricsEndpoint(self.manager, self.device, host, self.config.metrics_port, self.tokens)
             log.info("Prometheus metrics on http://%s:%d/metrics", host, self.metrics.port)
         for service in ("", SERVICE_NAME):
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
