@@ -168,7 +168,8 @@ def test_server_info_reports_backend_limits_and_counters(client):
 def test_csv_file_list_dataset(tmp_path, small_dataset):
     rows = ["path,label"] + [f"{path},{path.parent.name}" for path in client_paths(small_dataset)[::4]]
     (tmp_path / "list.csv").write_text("\n".join(rows) + "\n")
-    with running_server({"listed": DatasetConfig(str(tmp_path / "list.csv"))}) as server:
+    # The rows name files outside the CSV's folder, which a server refuses unless told.
+    with running_server({"listed": DatasetConfig(str(tmp_path / "list.csv"), allow_outside_root=True)}) as server:
         with Client(server.address) as client, client.stream("listed", spec=SPEC, batch_size=5, split="all") as stream:
             batches = collect(stream)
     assert sum(len(batch.sample_ids) for batch in batches) == 15

@@ -138,7 +138,7 @@ def binary_server(tmp_path_factory):
     rows = ["path,label"] + [f"{path},{path.parent.name}" for name in ("circle", "cross") for path in sorted((source / name).glob("*.jpg"))]
     listing = tmp_path_factory.mktemp("pair") / "pair.csv"
     listing.write_text("\n".join(rows) + "\n")
-    with running_server({"pair": DatasetConfig(str(listing))}) as server:
+    with running_server({"pair": DatasetConfig(str(listing), allow_outside_root=True)}) as server:
         yield server
 
 

@@ -10,11 +10,12 @@ import numpy as np
 
 from augserve.backends.base import Backend
 from augserve.core.errors import BadImageError, SpecError
-from augserve.core.images import HeaderCache, inspect_image
+from augserve.core.images import HeaderCache, UnreadableSource, inspect_image
+from augserve.core.plan import SamplePlan, make_plan
 from augserve.core.policy import BadImagePolicy
 from augserve.core.sample import SkippedImage, SourceImage
-from augserve.core.plan import SamplePlan, make_plan
 from augserve.core.spec import AugmentSpec
+
 
 @dataclass
 class Batch:
@@ -35,13 +36,22 @@ def augment_batch(
     policy: BadImagePolicy = BadImagePolicy(),
     out: np.ndarray | None = None,
     headers: HeaderCache | None = None,
+    output_size: tuple[int, int] | None = None,
 ) -> Batch:
     """Augment `sources` with the plans of (seed, epoch, sample_id).
 
     With `out` ([len(sources), H, W, 3] uint8, e.g. a shared-memory slot) the images are
     written there and the batch's images are its first rows. `headers` remembers header checks
-    across batches.
+    across batches. `output_size` (height, width in pixels) is the stream's output size, fixed
+    when the stream opened (from the spec, or from the sizes the dataset was indexed with); it
+    defaults to the size of `out`. With either, an image whose plan gives another size is a bad
+    image (its file changed since indexing) rather than a failed batch. A source that
+    `read_sources` could not read (`UnreadableSource`) is a bad image with the reader's reason.
     """
+    if output_size is None and out is not None:
+        output_size = (int(out.shape[1]), int(out.shape[2]))
+    elif output_size is not None and out is not None and tuple(out.shape[1:3]) != tuple(output_size):
+        raise ValueError(f"out has images of {out.shape[1]}x{out.shape[2]}, expected output_size {output_size}")
     skipped: list[SkippedImage] = []
     usable: list[SourceImage] = []
     plans: list[SamplePlan] = []
@@ -52,6 +62,9 @@ def augment_batch(
         skipped.append(SkippedImage(source.sample_id, source.source, reason))
 
     for source in sources:
+        if isinstance(source, UnreadableSource):
+            reject(source, source.reason)
+            continue
         try:
             if headers is None:
                 header = inspect_image(source.data, source.source, policy.max_pixels)
@@ -60,8 +73,19 @@ def augment_batch(
         except BadImageError as error:
             reject(source, error.reason)
             continue
+        plan = make_plan(spec, seed, epoch, source.sample_id, (header.height, header.width), header.orientation)
+        if output_size is not None and plan.output_size != tuple(output_size):
+            # Specs without a fixed output size take the size the dataset was indexed with;
+            # a file replaced by one of another size since then cannot fill this stream's slots.
+            upright = (header.height, header.width) if header.orientation <= 4 else (header.width, header.height)
+            reject(
+                source,
+                f"size changed to {upright[0]}x{upright[1]} since indexing (output "
+                f"{plan.output_size[0]}x{plan.output_size[1]}, expected {output_size[0]}x{output_size[1]})",
+            )
+            continue
         usable.append(source)
-        plans.append(make_plan(spec, seed, epoch, source.sample_id, (header.height, header.width), header.orientation))
+        plans.append(plan)
 
     if plans and len({plan.output_size for plan in plans}) > 1:
         raise SpecError(
@@ -70,7 +94,7 @@ def augment_batch(
             "add crop, resize or random_resized_crop",
         )
     if not plans:
-        out_h, out_w = spec.fixed_output_size or (0, 0)
+        out_h, out_w = output_size or spec.fixed_output_size or (0, 0)
         empty = np.empty((0,), np.int64)
         return Batch(np.empty((0, out_h, out_w, 3), np.uint8), empty, empty.copy(), skipped)
 

@@ -17,6 +17,7 @@ from PIL import Image, UnidentifiedImageError
 
 from augserve.core.errors import BadImageError
 from augserve.core.policy import DEFAULT_MAX_PIXELS
+from augserve.core.sample import SourceImage
 
 # Formats both OpenCV and DALI decode.
 SUPPORTED_FORMATS = ("JPEG", "PNG", "BMP", "WEBP", "TIFF")
@@ -29,36 +30,56 @@ PNG_END = b"IEND"
 TIFF_MODES = ("L", "RGB", "RGBA")
 
 
-def _jpeg_header_is_contiguous(data: bytes) -> bool:
-    """True when the segments from the start marker to the first scan follow one another
-    without stray bytes (libjpeg skips such bytes with a warning, DALI's parser refuses)."""
-    position = 2
+def _jpeg_first_scan_data(data: bytes) -> int | None:
+    """Offset of the first scan's entropy-coded data, found by walking the marker segments from
+    the start marker by their lengths; None when stray bytes come between segments or the data
+    ends before a scan (libjpeg skips stray bytes with a warning, DALI's parser refuses).
+
+    Segments are a 0xFF, a marker byte and, except for the standalone markers (TEM 0x01, RST0-7
+    0xD0-0xD7, SOI 0xD8, EOI 0xD9), a 2-byte big-endian length that counts itself. Walking them
+    rather than searching for 0xFF 0xDA keeps binary APPn payloads (EXIF thumbnails, Photoshop
+    resources) that hold those bytes from being taken for a scan.
+    """
+    position = 2  # past the start marker, which PIL has already identified
     while position + 4 <= len(data):
         if data[position] != 0xFF:
-            return False
+            return None
         marker = data[position + 1]
-        if marker == 0xFF:  # fill byte
+        if marker == 0xFF:  # fill byte before a marker
             position += 1
-        elif marker == 0xDA:  # start of scan: the header ended well
-            return True
-        elif marker == 0x01 or 0xD0 <= marker <= 0xD9:  # markers without a length
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD9:
             position += 2
-        else:
-            position += 2 + int.from_bytes(data[position + 2 : position + 4], "big")
-    return False
+            continue
+        length = int.from_bytes(data[position + 2 : position + 4], "big")
+        if length < 2:  # the length counts its own two bytes
+            return None
+        if marker == 0xDA:  # start of scan: its header, then the entropy-coded data
+            return position + 2 + length if position + 2 + length <= len(data) else None
+        position += 2 + length
+    return None
 
 
-def _jpeg_scan_has_invalid_marker(data: bytes) -> bool:
-    """True when the entropy-coded data holds a byte pair 0xFF 0x01..0xBF, which no valid JPEG
-    has there (stuffed 0xFF00, restarts 0xFFD0..D7 and markers 0xFFC0..FE are allowed).
+def _jpeg_scan_has_invalid_marker(data: bytes, scan_start: int) -> bool:
+    """True when the entropy-coded data from `scan_start` on holds a byte pair 0xFF 0x01..0xBF,
+    which no valid JPEG has there (stuffed 0xFF00, restarts 0xFFD0..D7 and markers 0xFFC0..FE
+    are allowed).
 
     libjpeg recovers from some such damage with a warning while DALI's parser rejects it;
     rejecting it here keeps both backends' verdicts the same.
     """
-    start = data.find(JPEG_START_OF_SCAN)
-    scan = np.frombuffer(data, np.uint8, offset=start + 2) if start >= 0 else np.empty(0, np.uint8)
+    scan = np.frombuffer(data, np.uint8, offset=scan_start)
     following = scan[1:][scan[:-1] == 0xFF]
     return bool(np.any((following >= 0x01) & (following <= 0xBF)))
+
+
+@dataclass(frozen=True)
+class UnreadableSource(SourceImage):
+    """A sample whose file could not be read safely (gone, not a regular file, over the byte
+    limit, outside the dataset root): no bytes, and `reason` for the bad-image policy. It is
+    refused before any header check, so the client is told why rather than "empty file"."""
+
+    reason: str = "unreadable file"
 
 
 @dataclass(frozen=True)
@@ -108,10 +129,12 @@ def inspect_image(data: bytes, source: str, max_pixels: int = DEFAULT_MAX_PIXELS
     # (an embedded thumbnail's end marker comes before it).
     if image_format == "JPEG" and data.rfind(JPEG_END) < data.rfind(JPEG_START_OF_SCAN):
         raise BadImageError(source, "truncated JPEG (no end-of-image marker after the last scan)")
-    if image_format == "JPEG" and not _jpeg_header_is_contiguous(data):
-        raise BadImageError(source, "corrupt JPEG (stray bytes between header segments)")
-    if image_format == "JPEG" and _jpeg_scan_has_invalid_marker(data):
-        raise BadImageError(source, "corrupt JPEG (invalid marker in the image data)")
+    if image_format == "JPEG":
+        scan_start = _jpeg_first_scan_data(data)
+        if scan_start is None:
+            raise BadImageError(source, "corrupt JPEG (stray bytes between header segments)")
+        if _jpeg_scan_has_invalid_marker(data, scan_start):
+            raise BadImageError(source, "corrupt JPEG (invalid marker in the image data)")
     if image_format == "PNG" and PNG_END not in data[-64:]:
         raise BadImageError(source, "truncated PNG (no IEND chunk)")
     if orientation not in range(1, 9):

@@ -6,6 +6,9 @@ size. It is built from an ImageFolder tree (one folder per class, like Keras
 cached under `$AUGSERVE_CACHE/manifests`, keyed by the dataset's path and checked against the
 files' sizes and modification times. `augserve index PATH` builds it ahead of time.
 
+Only regular files within the byte limit and inside the dataset root are listed; the rest are
+refused, logged and listed (`Manifest.rejected`), so a hostile tree cannot stop start-up.
+
 Sample ids are manifest indices: stable across splits, shards and epochs, so a sample's
 augmentation never depends on how the data was divided.
 """
@@ -14,31 +17,50 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import logging
 import os
+import stat
+import sys
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
+from itertools import repeat
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from augserve.data.demo import cache_root
 from augserve.core.errors import SpecError
 from augserve.core.images import EXIF_ORIENTATION
+from augserve.data.demo import cache_root
+from augserve.data.reading import (
+    DEFAULT_MAX_FILE_BYTES,
+    open_regular_file,
+    reason_of,
+    refusal,
+    resolves_within,
+)
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 MANIFEST_VERSION = 1
 SPLITS = ("train", "validation", "all")
+LOGGED_REJECTIONS = 20  # refused files logged one by one; the rest are counted
 
 
 @dataclass(frozen=True, eq=False)
 class Manifest:
     """The files of a dataset. Arrays are indexed by sample id; sizes are upright (after EXIF
-    orientation) and 0 where the header could not be read (such files fail at serve time)."""
+    orientation) and 0 where the header could not be read (such files fail at serve time).
+
+    `rejected` lists the (relative path, reason) of files refused at indexing (not regular,
+    over `max_file_bytes` bytes, outside the root, missing, malformed CSV rows); they have no
+    sample id. `max_file_bytes` and `allow_outside_root` also govern reading at serve time.
+    """
 
     root: str
     paths: tuple[str, ...]
@@ -48,6 +70,9 @@ class Manifest:
     heights: np.ndarray
     widths: np.ndarray
     fingerprint: str
+    rejected: tuple[tuple[str, str], ...] = ()
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
+    allow_outside_root: bool = False
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -103,42 +128,122 @@ class FileEntry:
     modified_ns: int
 
 
-def _stat_entry(root: Path, relative: str, label_name: str) -> FileEntry:
-    stat = (root / relative).stat()
-    return FileEntry(relative, label_name, stat.st_size, stat.st_mtime_ns)
+def _is_clean_name(text: str) -> bool:
+    """False for names holding NUL (no file has one) or undecodable bytes (surrogate escapes):
+    paths and labels reach clients as protobuf strings, which must be UTF-8."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return "\0" not in text
 
 
-def scan_image_folder(root: Path) -> list[FileEntry]:
+class DatasetScan:
+    """The entries of one pass over a dataset and the refusals: each candidate file is checked
+    for type, byte size and containment before it becomes an entry, without being opened."""
+
+    def __init__(self, root: Path, max_file_bytes: int, allow_outside_root: bool) -> None:
+        self.root = str(root)
+        self.max_file_bytes = max_file_bytes
+        self.allow_outside_root = allow_outside_root
+        self.entries: list[FileEntry] = []
+        self.rejected: list[tuple[str, str]] = []
+        self._resolved_folders: dict[str, str] = {}
+
+    def refuse(self, relative: str, reason: str) -> None:
+        self.rejected.append((relative, reason))
+
+    def add(self, relative: str, label_name: str, where: str = "") -> None:
+        """Check the file `relative` (to the root) and keep it with `label_name`, or refuse it;
+        `where` prefixes the reason (a CSV line)."""
+        status = self._check(relative, label_name)
+        if isinstance(status, str):
+            self.refuse(relative, where + status)
+        else:
+            self.entries.append(FileEntry(relative, label_name, status.st_size, status.st_mtime_ns))
+
+    def _check(self, relative: str, label_name: str) -> os.stat_result | str:
+        """The file's status (symlinks followed) when it may be listed, else the reason."""
+        if not _is_clean_name(relative) or not _is_clean_name(label_name):
+            return "name or label is not valid UTF-8 or holds a NUL byte"
+        path = os.path.join(self.root, relative)
+        try:
+            link = os.lstat(path)
+        except OSError as error:
+            return reason_of(error)
+        try:
+            status = os.stat(path)
+        except OSError as error:
+            return "dangling symlink" if stat.S_ISLNK(link.st_mode) else reason_of(error)
+        if not self.allow_outside_root and not resolves_within(path, self.root, self._resolved_folders):
+            return "symlink target outside the dataset root"
+        return refusal(status, self.max_file_bytes) or status
+
+
+def _refuse_folder(scan: DatasetScan, class_name: str, error: OSError) -> None:
+    """Refuse a folder of the tree that cannot be listed (os.walk would skip it silently)."""
+    relative = os.path.relpath(error.filename, scan.root) if error.filename else class_name
+    scan.refuse(relative, reason_of(error))
+
+
+def scan_image_folder(scan: DatasetScan) -> None:
     """Files of an ImageFolder tree: class folders sorted by name, files sorted within."""
-    entries = []
+    root = Path(scan.root)
     class_folders = sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith("."))
     if not class_folders:
         raise SpecError("dataset", f"{root} has no class folders (expected ImageFolder layout root/CLASS/IMAGE)")
     for class_name in class_folders:
-        for folder, subfolders, files in os.walk(root / class_name):
+        refuse_folder = partial(_refuse_folder, scan, class_name)
+        for folder, subfolders, files in os.walk(root / class_name, onerror=refuse_folder):
             subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
             for name in sorted(files):
                 if name.lower().endswith(IMAGE_EXTENSIONS):
-                    relative = os.path.relpath(os.path.join(folder, name), root)
-                    entries.append(_stat_entry(root, relative, class_name))
-    return entries
+                    scan.add(os.path.relpath(os.path.join(folder, name), root), class_name)
 
 
-def scan_csv(csv_path: Path) -> list[FileEntry]:
-    """Files of a CSV list with a header row `path,label`; paths relative to the CSV's folder."""
-    root = csv_path.parent
-    entries = []
-    with open(csv_path, newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        if reader.fieldnames is None or not {"path", "label"} <= set(reader.fieldnames):
+def _csv_rows(handle: Iterator[str], scan: DatasetScan, csv_name: str) -> Iterator[tuple[int, list[str]]]:
+    """(line number, cells) of each CSV row after the header; rows the csv module cannot parse
+    (NUL bytes, fields over its size limit) are refused and skipped."""
+    reader = csv.reader(handle)
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as error:
+            scan.refuse(f"{csv_name}:{reader.line_num}", f"malformed row ({error})")
+            continue
+        yield reader.line_num, row
+
+
+def scan_csv(csv_path: Path, scan: DatasetScan) -> None:
+    """Files of a CSV list with a header row naming the columns `path` and `label`; paths
+    relative to the CSV's folder (the dataset root). Rows that are malformed, name a missing or
+    unusable file, or a path outside the root (absolute or `../`, unless allowed) are refused."""
+    with open_regular_file(str(csv_path), sys.maxsize) as binary:
+        # Undecodable bytes survive as surrogate escapes, to be refused row by row.
+        handle = io.TextIOWrapper(binary, encoding="utf-8", errors="surrogateescape", newline="")
+        rows = _csv_rows(handle, scan, csv_path.name)
+        header = next(rows, (1, []))[1]
+        if "path" not in header or "label" not in header:
             raise SpecError("dataset", f"{csv_path} needs a header row with columns path,label")
-        for line, row in enumerate(reader, start=2):
-            path, label = (row["path"] or "").strip(), (row["label"] or "").strip()
+        path_column, label_column = header.index("path"), header.index("label")
+        for line, row in rows:
+            where = f"line {line}: "
+            if not row:
+                continue  # blank lines, as csv.DictReader skips them
+            if len(row) != len(header):
+                scan.refuse(f"{csv_path.name}:{line}", f"malformed row ({len(row)} fields, the header has {len(header)})")
+                continue
+            path, label = row[path_column].strip(), row[label_column].strip()
             if not path or not label:
-                raise SpecError("dataset", f"{csv_path}:{line}: empty path or label")
-            relative = os.path.relpath(path, root) if os.path.isabs(path) else path
-            entries.append(_stat_entry(root, relative, label))
-    return entries
+                scan.refuse(f"{csv_path.name}:{line}", "empty path or label")
+                continue
+            relative = os.path.normpath(os.path.relpath(path, scan.root) if os.path.isabs(path) else path)
+            if not scan.allow_outside_root and (relative == os.pardir or relative.startswith(os.pardir + os.sep)):
+                scan.refuse(relative, where + "path outside the dataset root (the CSV's folder)")
+                continue
+            scan.add(relative, label, where)
 
 
 def _class_order(names: set[str]) -> tuple[str, ...]:
@@ -155,9 +260,11 @@ def _fingerprint(root: Path, entries: list[FileEntry]) -> str:
     return digest.hexdigest()
 
 
-def _upright_size(path: str) -> tuple[int, int]:
+def _upright_size(path: str, max_file_bytes: int) -> tuple[int, int]:
+    """(height, width) after EXIF orientation, from the header; (0, 0) when unreadable. The file
+    is opened as `read_file` would, so one swapped for a FIFO since the scan cannot block."""
     try:
-        with Image.open(path) as image:
+        with open_regular_file(path, max_file_bytes) as handle, Image.open(handle) as image:
             width, height = image.size
             orientation = image.getexif().get(EXIF_ORIENTATION, 1) if image.format == "JPEG" else 1
     except Exception:
@@ -170,27 +277,56 @@ def _cache_file(source: Path) -> Path:
     return cache_root() / "manifests" / f"{key}.json"
 
 
-def load_manifest(source: str | Path, threads: int = 8, use_cache: bool = True) -> Manifest:
-    """The manifest of an ImageFolder tree or CSV file list, from the cache when still valid."""
+def load_manifest(
+    source: str | Path,
+    threads: int = 8,
+    use_cache: bool = True,
+    *,
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+    allow_outside_root: bool = False,
+) -> Manifest:
+    """The manifest of an ImageFolder tree or CSV file list, from the cache when still valid.
+
+    Every file is checked before it is listed: a regular file (FIFOs, sockets, devices and
+    directories are refused unopened) of at most `max_file_bytes` bytes, inside the dataset root
+    with symlinks resolved (the folder, or the CSV's folder) unless `allow_outside_root`. Files
+    that fail are logged and listed in `Manifest.rejected`, never served; a dataset left with
+    no file is a SpecError.
+    """
+    if max_file_bytes < 1:
+        raise SpecError("max_file_bytes", f"{max_file_bytes} is not a positive number of bytes")
     source = Path(source).resolve()
     if not source.exists():
         raise SpecError("dataset", f"{source} does not exist")
-    entries = scan_csv(source) if source.is_file() else scan_image_folder(source)
+    if not source.is_dir() and not source.is_file():
+        raise SpecError("dataset", f"{source} is neither a folder (ImageFolder) nor a regular file (CSV)")
+    root = source if source.is_dir() else source.parent
+    scan = DatasetScan(root, max_file_bytes, allow_outside_root)
+    if source.is_dir():
+        scan_image_folder(scan)
+    else:
+        scan_csv(source, scan)
+    rejected = tuple(scan.rejected)
+    _log_rejected(source, rejected)
+    entries = scan.entries
     if not entries:
-        raise SpecError("dataset", f"{source} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-    root = source.parent if source.is_file() else source
+        first = f"; first: {rejected[0][0]}: {rejected[0][1]}" if rejected else ""
+        raise SpecError(
+            "dataset", f"{source} holds no usable images ({', '.join(IMAGE_EXTENSIONS)}); {len(rejected)} refused{first}"
+        )
+    checks = {"rejected": rejected, "max_file_bytes": max_file_bytes, "allow_outside_root": allow_outside_root}
     fingerprint = _fingerprint(root, entries)
     cache_file = _cache_file(source)
     if use_cache and cache_file.exists():
         try:
             cached = Manifest.from_json(cache_file.read_text())
             if cached.fingerprint == fingerprint:
-                return cached
+                return replace(cached, **checks)
         except (ValueError, KeyError, json.JSONDecodeError):
             log.warning("ignoring unreadable manifest cache %s", cache_file)
     log.info("indexing %d images of %s", len(entries), source)
     with ThreadPoolExecutor(threads) as pool:
-        sizes = list(pool.map(_upright_size, (str(root / entry.path) for entry in entries)))
+        sizes = list(pool.map(_upright_size, (str(root / entry.path) for entry in entries), repeat(max_file_bytes)))
     classes = _class_order({entry.label_name for entry in entries})
     class_index = {name: index for index, name in enumerate(classes)}
     manifest = Manifest(
@@ -202,6 +338,7 @@ def load_manifest(source: str | Path, threads: int = 8, use_cache: bool = True) 
         heights=np.array([size[0] for size in sizes], np.int32),
         widths=np.array([size[1] for size in sizes], np.int32),
         fingerprint=fingerprint,
+        **checks,
     )
     if use_cache:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
@@ -212,6 +349,16 @@ def load_manifest(source: str | Path, threads: int = 8, use_cache: bool = True) 
     if unreadable:
         log.warning("%d files of %s have unreadable headers; they will be skipped or fail by policy", unreadable, source)
     return manifest
+
+
+def _log_rejected(source: Path, rejected: tuple[tuple[str, str], ...]) -> None:
+    """One warning per refused file, up to a bound (a hostile tree may hold millions)."""
+    for relative, reason in rejected[:LOGGED_REJECTIONS]:
+        log.warning("%s: refused %r: %s", source, relative, reason)
+    if len(rejected) > LOGGED_REJECTIONS:
+        log.warning("%s: refused %d more files (Manifest.rejected lists them all)", source, len(rejected) - LOGGED_REJECTIONS)
+    if rejected:
+        log.warning("%s: %d files refused; they are not served", source, len(rejected))
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from augserve.backends import create_backend
 from augserve.backends.base import Backend
 from augserve.core.errors import SpecError
 from augserve.data.datasets import Dataset, load_manifest
+from augserve.data.reading import DEFAULT_MAX_FILE_BYTES
 from augserve.rpc.metrics import MetricsEndpoint
 from augserve.rpc.security import TlsFiles, TokenInterceptor, load_tokens, server_credentials
 from augserve.rpc.servicer import SERVICE_NAME, AugmentServicer, TolerantDecoding
@@ -38,11 +39,16 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 @dataclass(frozen=True)
 class DatasetConfig:
-    """A dataset the server serves: an ImageFolder tree or a CSV file list."""
+    """A dataset the server serves: an ImageFolder tree or a CSV file list.
+
+    Files (CSV rows, symlink targets) must lie inside the dataset's root (the tree, or the CSV's
+    folder) unless `allow_outside_root`; each file is at most `max_file_bytes`."""
 
     path: str
     validation_fraction: float = 0.0
     split_seed: int = 0
+    allow_outside_root: bool = False
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
 
 
 @dataclass(frozen=True)
@@ -77,7 +83,12 @@ class AugserveServer:
         self.config = config
         remove_stale_segments()
         datasets = {
-            name: Dataset(name, load_manifest(entry.path), entry.validation_fraction, entry.split_seed)
+            name: Dataset(
+                name,
+                load_manifest(entry.path, max_file_bytes=entry.max_file_bytes, allow_outside_root=entry.allow_outside_root),
+                entry.validation_fraction,
+                entry.split_seed,
+            )
             for name, entry in config.datasets.items()
         }
         self.backend = backend or create_backend(config.backend, config.threads)
