@@ -21,6 +21,7 @@ from augserve.data.datasets import epoch_order, load_manifest
 from augserve.data.demo import DemoConfig, ensure_demo_dataset
 from augserve.rpc.convert import spec_to_proto
 from augserve.rpc.server import DatasetConfig
+from augserve.streaming.manager import INBAND_COPIES
 from servers import running_server, wait_until
 from trainer.run_config import DataConfig
 
@@ -77,8 +78,10 @@ def test_detach_respects_the_memory_budget(dataset_root):
     """A stalled member of a full lockstep group would need a ring of its own that the budget
     cannot hold: it ends with RESOURCE_EXHAUSTED naming the budget, and the member that keeps
     reading gets exactly a solo run's batches."""
-    ring_bytes = (2 + 2) * BATCH * 24 * 24 * 3  # (prefetch + group_window) slots of one batch
-    limits = dict(stall_seconds=0.5, group_window=2, max_buffer_bytes=ring_bytes + 100)
+    batch_bytes = BATCH * 24 * 24 * 3
+    ring_bytes = (2 + 2) * batch_bytes  # (prefetch + group_window) slots of one batch
+    inband_bytes = 2 * INBAND_COPIES * batch_bytes  # the two members' messages in flight
+    limits = dict(stall_seconds=0.5, group_window=2, max_buffer_bytes=ring_bytes + inband_bytes + 100)
     with running_server({"shapes": DatasetConfig(str(dataset_root))}, **limits) as server:
         solo = read_all(server.address, epochs=2, prefetch=2, transport="inband", group_policy="alone")
         results: dict[str, object] = {}

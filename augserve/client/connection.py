@@ -94,9 +94,13 @@ class Client:
             open_message.spec.CopyFrom(spec_to_proto(spec))
         probe = None
         if transport != "inband" and shared_memory_available():
-            probe, nonce = write_probe()
-            open_message.shm_probe_name = probe
-            open_message.shm_probe_nonce = nonce
+            try:
+                probe, nonce = write_probe()
+            except OSError:
+                probe = None  # /dev/shm full or read-only: no proof of a shared host, so in-band
+            else:
+                open_message.shm_probe_name = probe
+                open_message.shm_probe_nonce = nonce
         return BatchStream(self._stub, open_message, probe, self.timeout, self._metadata)
 
     def close(self) -> None:

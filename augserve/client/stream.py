@@ -15,7 +15,7 @@ from augserve._proto.augserve.v1 import augserve_pb2_grpc as pb_grpc
 from augserve.client.errors import AugserveClientError
 from augserve.client.tensors import IMAGENET_MEAN, IMAGENET_STD, to_torch
 from augserve.rpc.convert import tensor_from_proto
-from augserve.transport.ring import SlotReader, remove_probe
+from augserve.transport.ring import SHM_DIR, SlotReader, remove_probe
 
 if TYPE_CHECKING:
     from augserve.client.connection import Client
@@ -107,7 +107,7 @@ class BatchStream:
         )
         self._slot_bytes = info.slot_bytes
         if info.shm_name:
-            self._readers[info.shm_name] = SlotReader(info.shm_name, info.slot_bytes)
+            self._readers[info.shm_name] = self._map_segment(info.shm_name)
 
     def __iter__(self) -> Iterator[ReceivedBatch]:
         try:
@@ -136,7 +136,7 @@ class BatchStream:
         if message.shm_name:
             reader = self._readers.get(message.shm_name)
             if reader is None:  # the server moved this session to a producer of its own
-                reader = self._readers[message.shm_name] = SlotReader(message.shm_name, self._slot_bytes)
+                reader = self._readers[message.shm_name] = self._map_segment(message.shm_name)
             images = reader.view(message.slot, (message.count, height, width, 3))
             self._pending_release = message.sequence
         else:
@@ -152,6 +152,22 @@ class BatchStream:
             resume_token=message.resume_token,
             skipped=list(message.skipped),
         )
+
+    def _map_segment(self, name: str) -> SlotReader:
+        """Map the server's segment `name`, or close this stream and raise AugserveClientError
+        (FAILED_PRECONDITION): the server judged this client on its host, yet the file cannot be
+        opened (another user's private file, removed meanwhile, truncated to nothing)."""
+        try:
+            return SlotReader(name, self._slot_bytes)
+        except (OSError, ValueError) as error:
+            reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+            self.close()
+            raise AugserveClientError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"cannot map the server's shared-memory segment {SHM_DIR / name} ({reason}); "
+                'open the stream with transport="inband"',
+                self.last_resume_token,
+            ) from None
 
     def _acknowledge_previous(self) -> None:
         """The caller moved on: free the previous batch's slot and grant one more batch."""

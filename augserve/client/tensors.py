@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Sequence
 
 import numpy as np
@@ -16,9 +17,13 @@ def to_torch(images: np.ndarray, labels: np.ndarray, device: Any, normalize: boo
     import torch
 
     device = torch.device(device)
-    if not images.flags.writeable:
-        images = images.copy()  # in-band arrays view the message's immutable bytes
-    pixels = torch.from_numpy(images)
+    if not images.flags.writeable and device.type == "cpu" and not normalize:
+        images = images.copy()  # a uint8 tensor handed to the caller must be writable
+    # Otherwise a read-only array (in-band: the message's bytes; shared memory: a read-only
+    # mapping) is only read: the CUDA transfer and the normalization both make new tensors.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        pixels = torch.from_numpy(images)
     targets = torch.from_numpy(labels)
     if device.type == "cuda":
         pixels = pixels.pin_memory().to(device, non_blocking=True)

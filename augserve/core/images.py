@@ -149,13 +149,14 @@ class HeaderCache:
 
     def __init__(self, max_entries: int = 4_000_000) -> None:
         self.max_entries = max_entries
-        self._verdicts: dict[tuple[str, int, int, int], ImageHeader | str] = {}
+        self._verdicts: dict[tuple[object, ...], ImageHeader | str] = {}
 
-    def inspect(self, data: bytes, source: str, identity: tuple[int, int] | None, max_pixels: int) -> ImageHeader:
-        """As `inspect_image`; `identity` is (byte size, modification time in ns) or None."""
+    def inspect(self, data: bytes, source: str, identity: tuple[int, ...] | None, max_pixels: int) -> ImageHeader:
+        """As `inspect_image`; `identity` is what tells the file apart (e.g. byte size,
+        modification time in ns, device, inode) or None."""
         if identity is None:
             return inspect_image(data, source, max_pixels)
-        key = (source, identity[0], identity[1], max_pixels)
+        key = (source, *identity, max_pixels)
         verdict = self._verdicts.get(key)
         if verdict is None:
             try:

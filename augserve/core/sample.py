@@ -8,13 +8,14 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class SourceImage:
     """An encoded image and what identifies it: `source` names it in errors (its path);
-    `identity` (byte size, modification time in ns) lets a `HeaderCache` remember its check."""
+    `identity` (byte size, modification time in ns, device, inode) lets a `HeaderCache`
+    remember its check."""
 
     sample_id: int
     label: int
     source: str
     data: bytes
-    identity: tuple[int, int] | None = None
+    identity: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)

@@ -114,21 +114,22 @@ def open_regular_file(path: str, max_file_bytes: int) -> BinaryIO:
         raise
 
 
-def read_file(path: str, max_file_bytes: int) -> tuple[bytes, tuple[int, int]]:
-    """The bytes of a regular file and its identity (byte size, modification time in ns), as
+def read_file(path: str, max_file_bytes: int) -> tuple[bytes, tuple[int, int, int, int]]:
+    """The bytes of a regular file and its identity (byte size, modification time in ns,
+    device, inode: two datasets' files of one relative name never share it), as
     `open_regular_file` allows; a file that grows past the limit while read is refused."""
     with open_regular_file(path, max_file_bytes) as handle:
         status = os.fstat(handle.fileno())
         data = handle.read(max_file_bytes + 1)
     if len(data) > max_file_bytes:
         raise RefusedFileError(f"over the per-file limit of {max_file_bytes} bytes (it grew while read)")
-    return data, (status.st_size, status.st_mtime_ns)
+    return data, (status.st_size, status.st_mtime_ns, status.st_dev, status.st_ino)
 
 
 def read_sources(
     manifest: Manifest, sample_ids: Sequence[int], max_file_bytes: int | None = None
 ) -> list[SourceImage]:
-    """The encoded bytes of each sample, with the file's identity (size, mtime) for header
+    """The encoded bytes of each sample, with the file's identity (size, mtime, device, inode) for header
     caching. `source` is the manifest's relative path: it names the file to clients.
 
     A file that cannot be read safely now (removed, replaced by a FIFO or a device, grown over

@@ -29,7 +29,7 @@ from augserve.streaming.producer import Producer
 from augserve.streaming.request import SessionRequest
 from augserve.streaming.scheduler import FairScheduler
 from augserve.streaming.session import Session, StreamFacts
-from augserve.transport.ring import probe_matches, shared_memory_available
+from augserve.transport.ring import SharedMemoryExhausted, probe_matches, shared_memory_available
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,25 @@ class SessionManager:
     def open(self, request: SessionRequest) -> Session:
         dataset, split_ids, output_size, shard_size = self._admit(request)
         shared_memory = self._wants_shared_memory(request)
+        try:
+            return self._open_on(request, dataset, split_ids, output_size, shard_size, shared_memory)
+        except SharedMemoryExhausted as error:
+            if not shared_memory or request.transport != "auto":
+                raise
+            log.warning("%s; this session goes in-band", error)
+            return self._open_on(request, dataset, split_ids, output_size, shard_size, False)
+
+    def _open_on(
+        self,
+        request: SessionRequest,
+        dataset: Dataset,
+        split_ids,
+        output_size: tuple[int, int],
+        shard_size: int,
+        shared_memory: bool,
+    ) -> Session:
+        """Open the session with the transport decided: join a producer of its stream, or
+        start one within the budget."""
         key = StreamKey(
             dataset=request.dataset,
             fingerprint=dataset.manifest.fingerprint,

@@ -18,7 +18,7 @@ import numpy as np
 
 from augserve.backends.base import Backend
 from augserve.backends.batch import Batch, augment_batch
-from augserve.core.errors import BadImageError
+from augserve.core.errors import AugserveError
 from augserve.core.images import HeaderCache
 from augserve.core.policy import BadImagePolicy
 from augserve.core.spec import AugmentSpec
@@ -190,7 +190,7 @@ class Producer:
                 try:
                     started = time.perf_counter()
                     sources = read_sources(self.dataset.manifest, ids.tolist())
-                    out = self.ring.view(slot, (len(ids), *self.output_size, 3))
+                    out = self.ring.view_for_writing(slot, (len(ids), *self.output_size, 3))
                     with self._scheduler.turn():
                         batch = augment_batch(
                             self._backend, self.spec, self.key.seed, cursor[0], sources, self._policy,
@@ -202,7 +202,9 @@ class Producer:
                         self.error = error
                         self.slots.give_back(slot)
                         self.condition.notify_all()
-                    if not isinstance(error, BadImageError):
+                    if isinstance(error, AugserveError):
+                        log.warning("producer %d stopped: %s", self.id, error)
+                    else:
                         log.exception("producer %d failed", self.id)
                     return
                 with self.condition:
