@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import sys
 import time
@@ -17,6 +18,8 @@ from augserve.backends import BACKEND_CHOICES, create_backend
 from augserve.data.demo import DemoConfig, ensure_demo_dataset
 from augserve.core.errors import AugserveError, SpecError
 from augserve.backends.batch import SourceImage, augment_batch
+from augserve.core.images import inspect_image
+from augserve.core.plan import MAX_SAMPLE_ID, explain_plan, make_plan
 from augserve.core.spec import AugmentSpec, load_spec_file
 
 DEFAULT_PREVIEW_SPEC = {
@@ -34,7 +37,8 @@ DEFAULT_PREVIEW_SPEC = {
 
 
 def preview(args: argparse.Namespace) -> int:
-    """Augment demo images in-process, report images/s and write a grid picture."""
+    """Augment demo images in-process, report images/s, write a grid picture and, beside it, what
+    each op drew for every pictured sample (`<output>.draws.json`)."""
     from PIL import Image
 
     spec = load_spec_file(args.spec) if args.spec else AugmentSpec.from_dict(DEFAULT_PREVIEW_SPEC)
@@ -62,7 +66,87 @@ def preview(args: argparse.Namespace) -> int:
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(grid).save(args.output)
     print(f"wrote {args.output} ({len(batch.images)} augmented images of {root})")
+    # What each op drew for the pictured samples (the last epoch's), beside the picture.
+    last_epoch = args.epochs - 1
+    shown = {int(sample_id) for sample_id in batch.sample_ids}
+    samples = []
+    for source in sources:
+        if source.sample_id in shown:
+            header = inspect_image(source.data, source.source)
+            size = (header.height, header.width)
+            plan = make_plan(spec, args.seed, last_epoch, source.sample_id, size, header.orientation)
+            samples.append(explain_plan(plan))
+    draws_path = Path(args.output).with_suffix(".draws.json")
+    draws_path.write_text(json.dumps(_draws_document(spec, args.seed, last_epoch, samples)) + "\n")
+    if samples:
+        print("\n".join(_explanation_lines(samples[0])))
+    print(f"wrote {draws_path} (what each op drew, per pictured sample)")
     return 0
+
+
+def _format_value(value: Any) -> str:
+    """A record value for reading: floats to 6 significant digits, the rest as Python writes it."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, (tuple, list)):
+        return "(" + ", ".join(_format_value(item) for item in value) + ")"
+    return str(value)
+
+
+def _explanation_lines(explanation: dict[str, Any]) -> list[str]:
+    """One header line per sample (sizes as HxW), then one line per op: its name and record."""
+    source_h, source_w = explanation["source_size"]
+    out_h, out_w = explanation["output_size"]
+    interpolation = explanation["interpolation"]
+    lines = [f"sample {explanation['sample_id']}: {source_h}x{source_w} -> {out_h}x{out_w} ({interpolation})"]
+    width = max((len(draw["op"]) for draw in explanation["draws"]), default=0)
+    for draw in explanation["draws"]:
+        fields = " ".join(f"{key}={_format_value(value)}" for key, value in draw["record"].items())
+        lines.append(f"  {draw['op']:<{width}}  {fields}")
+    return lines
+
+
+def _draws_document(spec: AugmentSpec, seed: int, epoch: int, samples: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"spec": spec.to_dict(), "seed": seed, "epoch": epoch, "samples": samples}
+
+
+def explain_command(args: argparse.Namespace) -> int:
+    """Print what each op of the spec draws for the given samples of one image size."""
+    spec = load_spec_file(args.spec) if args.spec else AugmentSpec.from_dict(DEFAULT_PREVIEW_SPEC)
+    sample_ids = [sample_id for group in args.samples for sample_id in group]
+    samples = [
+        explain_plan(make_plan(spec, args.seed, args.epoch, sample_id, args.size, args.orientation))
+        for sample_id in sample_ids
+    ]
+    if args.json:
+        document = _draws_document(spec, args.seed, args.epoch, samples)
+        print(json.dumps({**document, "orientation": args.orientation}))
+        return 0
+    print(f"seed {args.seed}, epoch {args.epoch}, EXIF orientation {args.orientation}")
+    for explanation in samples:
+        print("\n".join(_explanation_lines(explanation)))
+    return 0
+
+
+def _image_size(text: str) -> tuple[int, int]:
+    """HxW in pixels, e.g. 375x500."""
+    height, separator, width = text.lower().partition("x")
+    if not separator or not height.isdigit() or not width.isdigit() or int(height) < 1 or int(width) < 1:
+        raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH in pixels, e.g. 375x500, got {text!r}")
+    return int(height), int(width)
+
+
+def _sample_ids(text: str) -> list[int]:
+    """A sample id N or an inclusive range N-M."""
+    first, separator, last = text.partition("-")
+    if not first.isdigit() or (separator and not last.isdigit()):
+        raise argparse.ArgumentTypeError(f"expected a sample id N or a range N-M, got {text!r}")
+    ids = list(range(int(first), int(last or first) + 1))
+    if not ids or ids[-1] > MAX_SAMPLE_ID:
+        raise argparse.ArgumentTypeError(f"{text!r} is empty or past the largest sample id {MAX_SAMPLE_ID}")
+    return ids
 
 
 def _dataset_entry(text: str) -> tuple[str, str]:
@@ -75,7 +159,7 @@ def _dataset_entry(text: str) -> tuple[str, str]:
 def _server_config(args: argparse.Namespace) -> Any:
     """ServerConfig from an optional YAML file, then command-line flags over it."""
     from augserve.rpc.server import DatasetConfig, ServerConfig
-    from augserve.streaming.manager import Limits
+    from augserve.streaming.limits import Limits
 
     settings: dict[str, Any] = {}
     if args.config:
@@ -170,6 +254,19 @@ def build_parser() -> argparse.ArgumentParser:
     preview_parser.add_argument("--seed", type=int, default=0)
     preview_parser.add_argument("--output", default="runs/preview.png")
     preview_parser.set_defaults(handler=preview)
+
+    explain_parser = commands.add_parser("explain", help="print what each op of a spec draws for given samples")
+    explain_parser.add_argument("--spec", help="spec file (.yaml or .json); default: preview's spec")
+    explain_parser.add_argument("--size", type=_image_size, required=True, metavar="HxW",
+                                help="source image size in pixels as stored, e.g. 375x500")
+    explain_parser.add_argument("--samples", type=_sample_ids, nargs="+", default=[[0]], metavar="ID",
+                                help="sample ids and inclusive ranges, e.g. 0 5 10-12 (default 0)")
+    explain_parser.add_argument("--seed", type=int, default=0)
+    explain_parser.add_argument("--epoch", type=int, default=0)
+    explain_parser.add_argument("--orientation", type=int, choices=range(1, 9), default=1, metavar="1..8",
+                                help="EXIF orientation of the source (default 1: upright)")
+    explain_parser.add_argument("--json", action="store_true", help="print one JSON document instead of text")
+    explain_parser.set_defaults(handler=explain_command)
 
     serve_parser = commands.add_parser("serve", help="run the augmentation server")
     serve_parser.add_argument("--config", help="YAML file: host, port, backend, threads, datasets, limits")

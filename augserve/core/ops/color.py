@@ -6,13 +6,14 @@ the end, not between ops (the price of one pass). Matrices are tuples of rows of
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Sequence
+from typing import TypedDict
 
 import numpy as np
 
 from augserve.core.ops.canvas import Canvas, ColorLinear
-from augserve.core.ops.registry import RangeParam, probability, register_op
-from augserve.core.ops.sampling import lerp
+from augserve.core.ops.registry import CanvasSize, Params, RangeParam, probability, register_op
+from augserve.core.ops.sampling import uniform_draw
 
 # ITU-R BT.601 luma weights, as torchvision and PIL use for grayscale.
 LUMA = (0.299, 0.587, 0.114)
@@ -20,6 +21,18 @@ MID_GRAY = 127.5
 # RGB -> YIQ; hue rotation is a rotation of the I/Q plane.
 RGB_TO_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
 YIQ_TO_RGB = np.linalg.inv(RGB_TO_YIQ)
+
+
+class FactorRecord(TypedDict):
+    factor: float  # the drawn multiplier (1 keeps the image)
+
+
+class HueRecord(TypedDict):
+    angle: float  # degrees of rotation in the YIQ chroma plane
+
+
+class GrayscaleRecord(TypedDict):
+    applied: bool
 
 
 def _scaling(factor: float) -> ColorLinear:
@@ -37,9 +50,14 @@ def _factor(name: str, doc: str) -> RangeParam:
     uniforms=1,
     params=(_factor("factor", "Multiplier of every channel, drawn uniformly (1 keeps)."),),
 )
-def brightness(params: Mapping[str, Any], u: Sequence[float], canvas: Canvas) -> None:
+class Brightness:
     """Scale all channels (as torchvision and Keras brightness_range)."""
-    canvas.recolor(_scaling(lerp(params["factor"], u[0])))
+
+    draw = staticmethod(uniform_draw("factor", "factor"))
+
+    @staticmethod
+    def apply(record: FactorRecord, canvas: Canvas) -> None:
+        canvas.recolor(_scaling(record["factor"]))
 
 
 @register_op(
@@ -48,12 +66,17 @@ def brightness(params: Mapping[str, Any], u: Sequence[float], canvas: Canvas) ->
     uniforms=1,
     params=(_factor("factor", "Contrast multiplier about mid-gray, drawn uniformly (1 keeps)."),),
 )
-def contrast(params: Mapping[str, Any], u: Sequence[float], canvas: Canvas) -> None:
+class Contrast:
     """Scale distances from mid-gray 127.5. (torchvision pivots on each image's mean gray, which
     depends on pixels; a fixed pivot keeps the op a pure function of the plan.)"""
-    factor = lerp(params["factor"], u[0])
-    offset = (1.0 - factor) * MID_GRAY
-    canvas.recolor(_scaling(factor), (offset, offset, offset))
+
+    draw = staticmethod(uniform_draw("factor", "factor"))
+
+    @staticmethod
+    def apply(record: FactorRecord, canvas: Canvas) -> None:
+        factor = record["factor"]
+        offset = (1.0 - factor) * MID_GRAY
+        canvas.recolor(_scaling(factor), (offset, offset, offset))
 
 
 @register_op(
@@ -62,19 +85,24 @@ def contrast(params: Mapping[str, Any], u: Sequence[float], canvas: Canvas) -> N
     uniforms=1,
     params=(_factor("factor", "Saturation multiplier, drawn uniformly (0 is gray, 1 keeps)."),),
 )
-def saturation(params: Mapping[str, Any], u: Sequence[float], canvas: Canvas) -> None:
+class Saturation:
     """Blend each pixel with its own luma (as torchvision)."""
-    factor = lerp(params["factor"], u[0])
-    # Each channel becomes factor * itself + (1 - factor) * luma.
-    gray_share = 1.0 - factor
-    luma_r, luma_g, luma_b = gray_share * LUMA[0], gray_share * LUMA[1], gray_share * LUMA[2]
-    canvas.recolor(
-        (
-            (factor + luma_r, luma_g, luma_b),
-            (luma_r, factor + luma_g, luma_b),
-            (luma_r, luma_g, factor + luma_b),
+
+    draw = staticmethod(uniform_draw("factor", "factor"))
+
+    @staticmethod
+    def apply(record: FactorRecord, canvas: Canvas) -> None:
+        factor = record["factor"]
+        # Each channel becomes factor * itself + (1 - factor) * luma.
+        gray_share = 1.0 - factor
+        luma_r, luma_g, luma_b = gray_share * LUMA[0], gray_share * LUMA[1], gray_share * LUMA[2]
+        canvas.recolor(
+            (
+                (factor + luma_r, luma_g, luma_b),
+                (luma_r, factor + luma_g, luma_b),
+                (luma_r, luma_g, factor + luma_b),
+            )
         )
-    )
 
 
 @register_op(
@@ -91,13 +119,18 @@ def saturation(params: Mapping[str, Any], u: Sequence[float], canvas: Canvas) ->
         ),
     ),
 )
-def hue(params: Mapping[str, Any], u: Sequence[float], canvas: Canvas) -> None:
+class Hue:
     """Rotate hue in the YIQ chroma plane, which keeps luma (a linear stand-in for HSV hue)."""
-    angle = math.radians(lerp(params["degrees"], u[0]))
-    cos, sin = math.cos(angle), math.sin(angle)
-    rotation = np.array([[1.0, 0.0, 0.0], [0.0, cos, -sin], [0.0, sin, cos]])
-    red, green, blue = (YIQ_TO_RGB @ rotation @ RGB_TO_YIQ).tolist()
-    canvas.recolor((tuple(red), tuple(green), tuple(blue)))
+
+    draw = staticmethod(uniform_draw("degrees", "angle"))
+
+    @staticmethod
+    def apply(record: HueRecord, canvas: Canvas) -> None:
+        angle = math.radians(record["angle"])
+        cos, sin = math.cos(angle), math.sin(angle)
+        rotation = np.array([[1.0, 0.0, 0.0], [0.0, cos, -sin], [0.0, sin, cos]])
+        red, green, blue = (YIQ_TO_RGB @ rotation @ RGB_TO_YIQ).tolist()
+        canvas.recolor((tuple(red), tuple(green), tuple(blue)))
 
 
 @register_op(
@@ -106,7 +139,14 @@ def hue(params: Mapping[str, Any], u: Sequence[float], canvas: Canvas) -> None:
     uniforms=1,
     params=(probability("p", "Probability of turning the image gray.", 0.1),),
 )
-def grayscale(params: Mapping[str, Any], u: Sequence[float], canvas: Canvas) -> None:
+class Grayscale:
     """Replace all three channels with luma, with probability p (output stays 3-channel)."""
-    if u[0] < params["p"]:
-        canvas.recolor((LUMA, LUMA, LUMA))
+
+    @staticmethod
+    def draw(params: Params, u: Sequence[float], size: CanvasSize) -> GrayscaleRecord:
+        return {"applied": u[0] < params["p"]}
+
+    @staticmethod
+    def apply(record: GrayscaleRecord, canvas: Canvas) -> None:
+        if record["applied"]:
+            canvas.recolor((LUMA, LUMA, LUMA))

@@ -3,13 +3,34 @@ after the warp and the colour matrix, so a spec must list them after every other
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Sequence
+from typing import TypedDict
 
 from augserve.core.ops.canvas import Canvas, EraseStep
-from augserve.core.ops.registry import IntParam, RangeParam, SizeParam, probability, register_op
+from augserve.core.ops.registry import (
+    CanvasSize,
+    IntParam,
+    Params,
+    RangeParam,
+    SizeParam,
+    probability,
+    register_op,
+)
 from augserve.core.ops.sampling import UNIFORMS_PER_BOX, random_box, random_offset
 
 MAX_CUTOUT_HOLES = 16
+
+
+class EraseRecord(TypedDict):
+    applied: bool  # whether the op fired (its rectangles may still be none: nothing fitted)
+    value: int  # fill of every channel
+    rectangles: tuple[tuple[int, int, int, int], ...]  # (top, left, height, width), pixels
+
+
+def _apply_erase(record: EraseRecord, canvas: Canvas) -> None:
+    # Tuples again, should the record have travelled through JSON (lists).
+    rectangles = tuple(tuple(rectangle) for rectangle in record["rectangles"])
+    canvas.erase_steps.append(EraseStep(record["value"], rectangles))
 
 
 def _value() -> IntParam:
@@ -41,15 +62,20 @@ def _value() -> IntParam:
         _value(),
     ),
 )
-def random_erasing(params: Mapping[str, Any], u: Sequence[float], canvas: Canvas) -> None:
+class RandomErasing:
     """Erase one rectangle of random area and aspect with probability p (Zhong et al., as
     torchvision RandomErasing with a constant value); nothing when 10 tries do not fit."""
-    box = None
-    if u[0] < params["p"]:
-        box = random_box(
-            u[1:], canvas.height, canvas.width, params["scale"], params["ratio"], strictly_inside=True
-        )
-    canvas.erase_steps.append(EraseStep(params["value"], () if box is None else (box,)))
+
+    @staticmethod
+    def draw(params: Params, u: Sequence[float], size: CanvasSize) -> EraseRecord:
+        applied = u[0] < params["p"]
+        box = None
+        if applied:
+            box = random_box(u[1:], *size, params["scale"], params["ratio"], strictly_inside=True)
+        rectangles = () if box is None else (box,)
+        return {"applied": applied, "value": params["value"], "rectangles": rectangles}
+
+    apply = staticmethod(_apply_erase)
 
 
 @register_op(
@@ -63,18 +89,25 @@ def random_erasing(params: Mapping[str, Any], u: Sequence[float], canvas: Canvas
         _value(),
     ),
 )
-def cutout(params: Mapping[str, Any], u: Sequence[float], canvas: Canvas) -> None:
+class Cutout:
     """Erase `holes` rectangles of `size` centred uniformly on the image, clipped at its edges
     (DeVries and Taylor)."""
-    rectangles = []
-    if u[0] < params["p"]:
-        hole_h, hole_w = params["size"]
-        for hole in range(params["holes"]):
-            center_y = random_offset(u[1 + 2 * hole], canvas.height - 1)
-            center_x = random_offset(u[2 + 2 * hole], canvas.width - 1)
-            top, left = max(0, center_y - hole_h // 2), max(0, center_x - hole_w // 2)
-            bottom = min(canvas.height, center_y - hole_h // 2 + hole_h)
-            right = min(canvas.width, center_x - hole_w // 2 + hole_w)
-            if bottom > top and right > left:
-                rectangles.append((top, left, bottom - top, right - left))
-    canvas.erase_steps.append(EraseStep(params["value"], tuple(rectangles)))
+
+    @staticmethod
+    def draw(params: Params, u: Sequence[float], size: CanvasSize) -> EraseRecord:
+        height, width = size
+        applied = u[0] < params["p"]
+        rectangles = []
+        if applied:
+            hole_h, hole_w = params["size"]
+            for hole in range(params["holes"]):
+                center_y = random_offset(u[1 + 2 * hole], height - 1)
+                center_x = random_offset(u[2 + 2 * hole], width - 1)
+                top, left = max(0, center_y - hole_h // 2), max(0, center_x - hole_w // 2)
+                bottom = min(height, center_y - hole_h // 2 + hole_h)
+                right = min(width, center_x - hole_w // 2 + hole_w)
+                if bottom > top and right > left:
+                    rectangles.append((top, left, bottom - top, right - left))
+        return {"applied": applied, "value": params["value"], "rectangles": tuple(rectangles)}
+
+    apply = staticmethod(_apply_erase)

@@ -1,28 +1,74 @@
 """Geometric ops. Each composes into the sample's one affine map; none touches pixels.
 
 Angles are in degrees, positive counter-clockwise as seen on screen (torchvision, Keras, PIL).
-Pixels a transform uncovers take the spec's fill (`fill_mode`, `fill_value`).
+Pixels a transform uncovers take the spec's fill (`fill_mode`, `fill_value`). Windows
+(top, left, height, width) are in pixels of the canvas the op sees; sizes are (height, width).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Sequence
+from typing import TypedDict
 
 from augserve.core.ops.canvas import Canvas
 from augserve.core.ops.registry import (
+    MAX_SIDE,
     BoolParam,
+    CanvasSize,
     ChoiceParam,
     IntParam,
-    MAX_SIDE,
+    Params,
     RangeParam,
     SizeParam,
     probability,
     register_op,
 )
-from augserve.core.ops.sampling import UNIFORMS_PER_BOX, lerp, random_box, random_offset
+from augserve.core.ops.sampling import (
+    UNIFORMS_PER_BOX,
+    lerp,
+    random_box,
+    random_offset,
+    uniform_draw,
+)
 
 INTERPOLATIONS = ("linear", "nearest")
+
+
+class AngleRecord(TypedDict):
+    angle: float  # degrees
+
+
+class FlipRecord(TypedDict):
+    horizontal: bool  # mirrored left-right
+    vertical: bool  # mirrored top-bottom
+
+
+class ShiftRecord(TypedDict):
+    dx: float  # pixels, positive is right
+    dy: float  # pixels, positive is down
+
+
+class ZoomRecord(TypedDict):
+    scale_x: float  # content scale factors; > 1 enlarges
+    scale_y: float
+
+
+class WindowRecord(TypedDict):
+    top: int  # the window of the canvas taken, in pixels (may reach outside it)
+    left: int
+    height: int
+    width: int
+
+
+class ResizedWindowRecord(WindowRecord):
+    size: tuple[int, int]  # (height, width) the window is scaled to
+    interpolation: str
+
+
+class ResizeRecord(TypedDict):
+    size: tuple[int, int]  # (height, width) the whole canvas is scaled to
+    interpolation: str
 
 
 def _interpolation(default: str = "linear") -> ChoiceParam:
@@ -36,6 +82,12 @@ def _interpolation(default: str = "linear") -> ChoiceParam:
 
 def _size(doc: str) -> SizeParam:
     return SizeParam(name="size", doc=doc)
+
+
+def _apply_resize(record: ResizeRecord, canvas: Canvas) -> None:
+    """Scale the whole canvas to `record["size"]`."""
+    canvas.interpolation = record["interpolation"]
+    canvas.crop_and_scale(0, 0, canvas.height, canvas.width, record["size"])
 
 
 @register_op(
@@ -52,12 +104,17 @@ def _size(doc: str) -> SizeParam:
         ),
     ),
 )
-def rotate(params: Mapping[str, Any], u: Sequence[float], canvas: Canvas) -> None:
+class Rotate:
     """Rotate about the canvas centre, keeping the canvas size (corners take the fill)."""
-    angle = math.radians(lerp(params["degrees"], u[0]))
-    cos, sin = math.cos(angle), math.sin(angle)
-    # With y pointing down, this matrix turns content counter-clockwise on screen.
-    canvas.about_center(((cos, sin), (-sin, cos)))
+
+    draw = staticmethod(uniform_draw("degrees", "angle"))
+
+    @staticmethod
+    def apply(record: AngleRecord, canvas: Canvas) -> None:
+        angle = math.radians(record["angle"])
+        cos, sin = math.cos(angle), math.sin(angle)
+        # With y pointing down, this matrix turns content counter-clockwise on screen.
+        canvas.about_center(((cos, sin), (-sin, cos)))
 
 
 @register_op(
@@ -69,11 +126,18 @@ def rotate(params: Mapping[str, Any], u: Sequence[float], canvas: Canvas) -> Non
         probability("vertical", "Probability of mirroring top-bottom.", 0.0),
     ),
 )
-def flip(params: Mapping[str, Any], u: Sequence[float], canvas: Canvas) -> None:
+class Flip:
     """Mirror left-right and/or top-bottom, each with its own probability."""
-    sx = -1.0 if u[0] < params["horizontal"] else 1.0
-    sy = -1.0 if u[1] < params["vertical"] else 1.0
-    canvas.about_center(((sx, 0.0), (0.0, sy)))
+
+    @staticmethod
+    def draw(params: Params, u: Sequence[float], size: CanvasSize) -> FlipRecord:
+        return {"horizontal": u[0] < params["horizontal"], "vertical": u[1] < params["vertical"]}
+
+    @staticmethod
+    def apply(record: FlipRecord, canvas: Canvas) -> None:
+        sx = -1.0 if record["horizontal"] else 1.0
+        sy = -1.0 if record["vertical"] else 1.0
+        canvas.about_center(((sx, 0.0), (0.0, sy)))
 
 
 @register_op(
@@ -99,11 +163,17 @@ def flip(params: Mapping[str, Any], u: Sequence[float], canvas: Canvas) -> None:
         ),
     ),
 )
-def shift(params: Mapping[str, Any], u: Sequence[float], canvas: Canvas) -> None:
+class Shift:
     """Translate by fractions of the canvas size (sub-pixel; positive is right and down)."""
-    shift_x = lerp(params["x"], u[0]) * canvas.width
-    shift_y = lerp(params["y"], u[1]) * canvas.height
-    canvas.transform(((1.0, 0.0, shift_x), (0.0, 1.0, shift_y)))
+
+    @staticmethod
+    def draw(params: Params, u: Sequence[float], size: CanvasSize) -> ShiftRecord:
+        height, width = size
+        return {"dx": lerp(params["x"], u[0]) * width, "dy": lerp(params["y"], u[1]) * height}
+
+    @staticmethod
+    def apply(record: ShiftRecord, canvas: Canvas) -> None:
+        canvas.transform(((1.0, 0.0, record["dx"]), (0.0, 1.0, record["dy"])))
 
 
 @register_op(
@@ -125,11 +195,18 @@ def shift(params: Mapping[str, Any], u: Sequence[float], canvas: Canvas) -> None
         ),
     ),
 )
-def zoom(params: Mapping[str, Any], u: Sequence[float], canvas: Canvas) -> None:
+class Zoom:
     """Scale about the canvas centre, keeping the canvas size."""
-    scale_x = lerp(params["range"], u[0])
-    scale_y = lerp(params["range"], u[1]) if params["independent"] else scale_x
-    canvas.about_center(((scale_x, 0.0), (0.0, scale_y)))
+
+    @staticmethod
+    def draw(params: Params, u: Sequence[float], size: CanvasSize) -> ZoomRecord:
+        scale_x = lerp(params["range"], u[0])
+        scale_y = lerp(params["range"], u[1]) if params["independent"] else scale_x
+        return {"scale_x": scale_x, "scale_y": scale_y}
+
+    @staticmethod
+    def apply(record: ZoomRecord, canvas: Canvas) -> None:
+        canvas.about_center(((record["scale_x"], 0.0), (0.0, record["scale_y"])))
 
 
 @register_op(
@@ -146,10 +223,15 @@ def zoom(params: Mapping[str, Any], u: Sequence[float], canvas: Canvas) -> None:
         ),
     ),
 )
-def shear(params: Mapping[str, Any], u: Sequence[float], canvas: Canvas) -> None:
+class Shear:
     """Shear horizontally about the canvas centre: x moves by tan(angle) * (y - centre)."""
-    slope = math.tan(math.radians(lerp(params["degrees"], u[0])))
-    canvas.about_center(((1.0, slope), (0.0, 1.0)))
+
+    draw = staticmethod(uniform_draw("degrees", "angle"))
+
+    @staticmethod
+    def apply(record: AngleRecord, canvas: Canvas) -> None:
+        slope = math.tan(math.radians(record["angle"]))
+        canvas.about_center(((1.0, slope), (0.0, 1.0)))
 
 
 @register_op(
@@ -167,20 +249,23 @@ def shear(params: Mapping[str, Any], u: Sequence[float], canvas: Canvas) -> None
         ),
     ),
 )
-def crop(params: Mapping[str, Any], u: Sequence[float], canvas: Canvas) -> None:
+class Crop:
     """Take a window of `size` at integer offsets (an exact pixel copy); a window larger than
     the canvas is centred and its margin takes the fill."""
-    crop_h, crop_w = params["size"]
-    room_h, room_w = canvas.height - crop_h, canvas.width - crop_w
-    if params["mode"] == "random" and room_h >= 0:
-        top = random_offset(u[0], room_h)
-    else:
-        top = room_h // 2
-    if params["mode"] == "random" and room_w >= 0:
-        left = random_offset(u[1], room_w)
-    else:
-        left = room_w // 2
-    canvas.crop_and_scale(top, left, crop_h, crop_w, (crop_h, crop_w))
+
+    @staticmethod
+    def draw(params: Params, u: Sequence[float], size: CanvasSize) -> WindowRecord:
+        crop_h, crop_w = params["size"]
+        room_h, room_w = size[0] - crop_h, size[1] - crop_w
+        random_mode = params["mode"] == "random"
+        top = random_offset(u[0], room_h) if random_mode and room_h >= 0 else room_h // 2
+        left = random_offset(u[1], room_w) if random_mode and room_w >= 0 else room_w // 2
+        return {"top": top, "left": left, "height": crop_h, "width": crop_w}
+
+    @staticmethod
+    def apply(record: WindowRecord, canvas: Canvas) -> None:
+        height, width = record["height"], record["width"]
+        canvas.crop_and_scale(record["top"], record["left"], height, width, (height, width))
 
 
 @register_op(
@@ -209,27 +294,42 @@ def crop(params: Mapping[str, Any], u: Sequence[float], canvas: Canvas) -> None:
         _interpolation(),
     ),
 )
-def random_resized_crop(params: Mapping[str, Any], u: Sequence[float], canvas: Canvas) -> None:
+class RandomResizedCrop:
     """Take a window of random area and aspect (10 tries, as torchvision), scaled to `size`;
     when no try fits, the largest centred window within the ratio bounds."""
-    box = random_box(
-        u, canvas.height, canvas.width, params["scale"], params["ratio"], strictly_inside=False
-    )
-    if box is None:
-        aspect = canvas.width / canvas.height
-        low, high = params["ratio"]
-        if aspect < low:
-            box_w = canvas.width
-            box_h = max(1, int(round(box_w / low)))
-        elif aspect > high:
-            box_h = canvas.height
-            box_w = max(1, int(round(box_h * high)))
-        else:
-            box_h, box_w = canvas.height, canvas.width
-        box = ((canvas.height - box_h) // 2, (canvas.width - box_w) // 2, box_h, box_w)
-    top, left, box_h, box_w = box
-    canvas.interpolation = params["interpolation"]
-    canvas.crop_and_scale(top, left, box_h, box_w, params["size"])
+
+    @staticmethod
+    def draw(params: Params, u: Sequence[float], size: CanvasSize) -> ResizedWindowRecord:
+        height, width = size
+        box = random_box(u, height, width, params["scale"], params["ratio"], strictly_inside=False)
+        if box is None:
+            aspect = width / height
+            low, high = params["ratio"]
+            if aspect < low:
+                box_w = width
+                box_h = max(1, int(round(box_w / low)))
+            elif aspect > high:
+                box_h = height
+                box_w = max(1, int(round(box_h * high)))
+            else:
+                box_h, box_w = height, width
+            box = ((height - box_h) // 2, (width - box_w) // 2, box_h, box_w)
+        top, left, box_h, box_w = box
+        return {
+            "top": top,
+            "left": left,
+            "height": box_h,
+            "width": box_w,
+            "size": params["size"],
+            "interpolation": params["interpolation"],
+        }
+
+    @staticmethod
+    def apply(record: ResizedWindowRecord, canvas: Canvas) -> None:
+        canvas.interpolation = record["interpolation"]
+        canvas.crop_and_scale(
+            record["top"], record["left"], record["height"], record["width"], record["size"]
+        )
 
 
 @register_op(
@@ -239,10 +339,14 @@ def random_resized_crop(params: Mapping[str, Any], u: Sequence[float], canvas: C
     fixes_size=True,
     params=(_size("Output [height, width] in pixels."), _interpolation()),
 )
-def resize(params: Mapping[str, Any], u: Sequence[float], canvas: Canvas) -> None:
+class Resize:
     """Scale the whole canvas to `size` (the aspect ratio may change)."""
-    canvas.interpolation = params["interpolation"]
-    canvas.crop_and_scale(0, 0, canvas.height, canvas.width, params["size"])
+
+    @staticmethod
+    def draw(params: Params, u: Sequence[float], size: CanvasSize) -> ResizeRecord:
+        return {"size": params["size"], "interpolation": params["interpolation"]}
+
+    apply = staticmethod(_apply_resize)
 
 
 @register_op(
@@ -260,13 +364,18 @@ def resize(params: Mapping[str, Any], u: Sequence[float], canvas: Canvas) -> Non
         _interpolation(),
     ),
 )
-def resize_shorter_side(params: Mapping[str, Any], u: Sequence[float], canvas: Canvas) -> None:
+class ResizeShorterSide:
     """Scale keeping the aspect ratio so the shorter side is `size` (follow with a crop to get
     one output size for every image, as in the usual eval transform)."""
-    scale = params["size"] / min(canvas.height, canvas.width)
-    size = (
-        max(1, min(MAX_SIDE, int(round(canvas.height * scale)))),
-        max(1, min(MAX_SIDE, int(round(canvas.width * scale)))),
-    )
-    canvas.interpolation = params["interpolation"]
-    canvas.crop_and_scale(0, 0, canvas.height, canvas.width, size)
+
+    @staticmethod
+    def draw(params: Params, u: Sequence[float], size: CanvasSize) -> ResizeRecord:
+        height, width = size
+        scale = params["size"] / min(height, width)
+        output_size = (
+            max(1, min(MAX_SIDE, int(round(height * scale)))),
+            max(1, min(MAX_SIDE, int(round(width * scale)))),
+        )
+        return {"size": output_size, "interpolation": params["interpolation"]}
+
+    apply = staticmethod(_apply_resize)

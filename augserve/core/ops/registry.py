@@ -1,22 +1,38 @@
 """The op registry: the one definition of every augmentation op.
 
-An op is a name, a category, its typed parameters (default, bounds, docstring) and a plan
-function that turns a fixed number of uniform random numbers into changes of a `Canvas`. Spec
-validation, YAML/JSON, the proto conversion and both backends all go through this registry;
+An op is a name, a category, its typed parameters (default, bounds, docstring) and two halves,
+as torchvision v2's `make_params` / `transform` and albumentations' `get_params` / `apply`:
+
+- `draw(params, u, size) -> record` turns the op's resolved parameters, its fixed number of
+  uniform random numbers in [0, 1) and the canvas size (height, width) into a record: a plain
+  dict of Python numbers, booleans, strings and tuples (JSON-serialisable) holding everything
+  the op decided for one sample.
+- `apply(record, canvas)` edits the `Canvas` from the record alone, deterministically.
+
+Spec validation, YAML/JSON, the proto conversion and both backends all go through this registry;
 nothing else defines an op, and a name cannot be registered twice.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Mapping, Sequence
+from typing import Any, Literal, TypeVar
 
 from augserve.core.errors import SpecError
 from augserve.core.ops.canvas import Canvas
 
 Category = Literal["geometry", "color", "erase"]
-PlanFunction = Callable[[Mapping[str, Any], Sequence[float], Canvas], None]
+# An op's resolved parameters (name -> value, as `OpDef.parse_params` returns them).
+Params = Mapping[str, Any]
+# (height, width) of the canvas in pixels when the op runs.
+CanvasSize = tuple[int, int]
+# What `draw` decided for one sample: JSON-serialisable plain values only.
+Record = Mapping[str, Any]
+DrawFunction = Callable[[Params, Sequence[float], CanvasSize], Record]
+ApplyFunction = Callable[[Any, Canvas], None]
+OpClass = TypeVar("OpClass", bound=type)
 
 
 def _is_number(value: Any) -> bool:
@@ -194,13 +210,14 @@ def probability(name: str, doc: str, default: float) -> FloatParam:
 
 @dataclass(frozen=True)
 class OpDef:
-    """The definition of one op. `plan` consumes exactly `uniforms` numbers in [0, 1)."""
+    """The definition of one op. `draw` consumes exactly `uniforms` numbers in [0, 1)."""
 
     name: str
     category: Category
     params: tuple[Param, ...]
     uniforms: int
-    plan: PlanFunction
+    draw: DrawFunction
+    apply: ApplyFunction
     doc: str
     fixes_size: bool
 
@@ -240,18 +257,25 @@ def register_op(
     uniforms: int,
     params: tuple[Param, ...],
     fixes_size: bool = False,
-) -> Callable[[PlanFunction], PlanFunction]:
-    """Register the decorated plan function as op `name`; the function's docstring documents it.
+) -> Callable[[OpClass], OpClass]:
+    """Register the decorated class as op `name`; its docstring documents the op.
 
+    The class holds the op's two halves as static methods, `draw(params, u, size) -> record`
+    and `apply(record, canvas)` (see the module docstring); it is returned unchanged.
     `fixes_size` marks ops whose `size` parameter is the canvas size after them for every input.
     """
 
-    def decorate(plan: PlanFunction) -> PlanFunction:
+    def decorate(op_class: OpClass) -> OpClass:
         if name in OPS:
             raise RuntimeError(f"op {name!r} is already registered")
-        doc = (plan.__doc__ or "").strip()
-        OPS[name] = OpDef(name, category, params, uniforms, plan, doc, fixes_size)
-        return plan
+        halves = {half: getattr(op_class, half, None) for half in ("draw", "apply")}
+        missing = [half for half, function in halves.items() if not callable(function)]
+        if missing:
+            raise TypeError(f"op {name!r} ({op_class.__name__}) lacks {' and '.join(missing)}")
+        doc = (op_class.__doc__ or "").strip()
+        draw, apply = halves["draw"], halves["apply"]
+        OPS[name] = OpDef(name, category, params, uniforms, draw, apply, doc, fixes_size)
+        return op_class
 
     return decorate
 

@@ -1,9 +1,11 @@
-"""Turning uniform numbers in [0, 1) into integer offsets and boxes (shared by crops and erasing)."""
+"""Turning uniform numbers in [0, 1) into integer offsets and boxes (shared by crops and erasing)
+and into the one number of single-range ops."""
 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 BOX_ATTEMPTS = 10
 UNIFORMS_PER_BOX = 4 * BOX_ATTEMPTS
@@ -12,6 +14,20 @@ UNIFORMS_PER_BOX = 4 * BOX_ATTEMPTS
 def lerp(bounds: tuple[float, float], u: float) -> float:
     """The point at fraction `u` of the interval `bounds`: a uniform draw when u is uniform."""
     return bounds[0] + (bounds[1] - bounds[0]) * u
+
+
+def uniform_draw(
+    param: str, field: str
+) -> Callable[[Mapping[str, Any], Sequence[float], tuple[int, int]], dict[str, float]]:
+    """The `draw` of an op that takes one number uniformly from its range parameter `param`
+    with its one uniform, and records it as `field` (e.g. rotate's degrees as its angle)."""
+
+    def draw(
+        params: Mapping[str, Any], u: Sequence[float], size: tuple[int, int]
+    ) -> dict[str, float]:
+        return {field: lerp(params[param], u[0])}
+
+    return draw
 
 
 def random_offset(u: float, room: int) -> int:
