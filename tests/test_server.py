@@ -120,7 +120,8 @@ def test_auto_transport_picks_shared_memory_on_the_same_host(client):
 def test_credits_bound_how_far_the_server_runs_ahead(server, client):
     """A client that never acknowledges gets exactly `prefetch` batches, though the server has
     more made; and the producer stops within its ring (prefetch + group_window slots) of them."""
-    assert wait_until(lambda: client.server_info().live_sessions == 0)  # the counters are ours alone
+    # The counters are ours alone once no session is open and no producer still runs.
+    assert wait_until(lambda: (lambda info: info.live_sessions == 0 and info.producers == 0)(client.server_info()))
     before = client.server_info()
     prefetch, window = 2, server.config.limits.group_window
     stub_stream = client.stream("shapes", spec=SPEC, batch_size=2, epochs=0, prefetch=prefetch, transport="inband")

@@ -16,10 +16,15 @@ from augserve.rpc.convert import (
     TRANSPORT_VALUES,
     spec_to_proto,
 )
+from augserve.rpc import keepalive
 from augserve.rpc.security import TlsFiles, channel_credentials, client_token
 from augserve.transport.ring import shared_memory_available, write_probe
 
-CHANNEL_OPTIONS = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", 4 << 20)]
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", -1),
+    ("grpc.max_send_message_length", 4 << 20),
+    *keepalive.CLIENT_OPTIONS,
+]
 
 
 class Client:

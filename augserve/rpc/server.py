@@ -24,6 +24,7 @@ from augserve.backends.base import Backend
 from augserve.core.errors import SpecError
 from augserve.data.datasets import Dataset, load_manifest
 from augserve.data.reading import DEFAULT_MAX_FILE_BYTES
+from augserve.rpc import keepalive
 from augserve.rpc.metrics import MetricsEndpoint
 from augserve.rpc.security import TlsFiles, TokenInterceptor, load_tokens, server_credentials
 from augserve.rpc.servicer import SERVICE_NAME, AugmentServicer, TolerantDecoding
@@ -104,6 +105,7 @@ class AugserveServer:
                 ("grpc.max_send_message_length", message_bytes),
                 ("grpc.max_receive_message_length", 4 << 20),
                 ("grpc.so_reuseport", 0),
+                *keepalive.SERVER_OPTIONS,
             ],
         )
         self.device = "cpu" if self.backend.name in ("opencv", "dali-cpu") else f"cuda:{getattr(self.backend, 'device_id', 0)}"

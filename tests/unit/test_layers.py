@@ -27,7 +27,7 @@ ALLOWED = {
 WIRE_LAYERS = {"rpc", "client", "_proto"}
 WIRE_MODULES = ("grpc", "grpc_health", "grpc_reflection", "google.protobuf", "augserve._proto")
 # The client may import only these modules of the rpc layer (no servicer, metrics or server).
-CLIENT_RPC_MODULES = {"augserve.rpc.convert", "augserve.rpc.security"}
+CLIENT_RPC_MODULES = {"augserve.rpc", "augserve.rpc.convert", "augserve.rpc.keepalive", "augserve.rpc.security"}
 
 
 def module_name(path: Path) -> str:
