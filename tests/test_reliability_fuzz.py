@@ -244,8 +244,8 @@ def batch_problems(batch: pb.Batch, info: pb.SessionInfo | None, index: int) -> 
     if info.transport == pb.TRANSPORT_SHARED_MEMORY:
         if batch.slot >= info.slot_count or not batch.shm_name:
             problems.append(f"slot {batch.slot} of {info.slot_count} in {batch.shm_name!r}")
-    elif list(batch.images.shape) != [batch.count, height, width, 3] or len(batch.images.data) != batch.count * height * width * 3:
-        problems.append(f"images {list(batch.images.shape)} with {len(batch.images.data)} bytes")
+    elif list(batch.images.shape) != [batch.count, height, width, 3] or (batch.chunks == 0) != (batch.count == 0):
+        problems.append(f"images {list(batch.images.shape)} in {batch.chunks} chunks")
     return problems
 
 

@@ -134,7 +134,10 @@ def test_a_credit_flood_is_honoured(dataset_root):
         with grpc.insecure_channel(server.address) as channel:
             for message in pb_grpc.AugmentStub(channel).Stream(requests(), timeout=30):
                 if message.WhichOneof("kind") == "batch":
-                    received.append((message.batch.epoch, message.batch.position, message.batch.images.data))
+                    received.append((message.batch.epoch, message.batch.position, b""))
+                elif message.WhichOneof("kind") == "chunk":  # the pixels follow their batch
+                    epoch, position, pixels = received[-1]
+                    received[-1] = (epoch, position, pixels + message.chunk.data)
             done.set()
         assert len(received) == len(expected) > 17
         assert received == expected

@@ -282,7 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
                               help="fraction of each class held out as the validation split (default 0)")
     serve_parser.add_argument("--split-seed", type=int, default=0)
     serve_parser.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (off by default)")
-    serve_parser.add_argument("--metrics-host", help="address of the metrics endpoint (default: --host)")
+    serve_parser.add_argument(
+        "--metrics-host", help="address of the metrics endpoint (default: 127.0.0.1 without tokens, --host with them)"
+    )
     serve_parser.add_argument("--tls-cert", help="PEM certificate: serve TLS (with --tls-key)")
     serve_parser.add_argument("--tls-key", help="PEM private key of --tls-cert")
     serve_parser.add_argument("--tls-client-ca", help="PEM CA: require client certificates it signed (mutual TLS)")

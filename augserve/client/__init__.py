@@ -12,7 +12,15 @@ resume token when the server gave one).
 
 from augserve.client.connection import Client
 from augserve.client.errors import AugserveClientError
-from augserve.client.stream import BatchStream, EpochSummary, ReceivedBatch, SessionFacts, ShardedStream, open_stream
+from augserve.client.stream import (
+    BatchStream,
+    EpochSummary,
+    ReceivedBatch,
+    Reconnect,
+    SessionFacts,
+    ShardedStream,
+    open_stream,
+)
 from augserve.client.tensors import IMAGENET_MEAN, IMAGENET_STD, to_torch
 
 __all__ = [
@@ -23,6 +31,7 @@ __all__ = [
     "Client",
     "EpochSummary",
     "ReceivedBatch",
+    "Reconnect",
     "SessionFacts",
     "ShardedStream",
     "open_stream",

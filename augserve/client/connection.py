@@ -7,7 +7,7 @@ import grpc
 from augserve._proto.augserve.v1 import augserve_pb2 as pb
 from augserve._proto.augserve.v1 import augserve_pb2_grpc as pb_grpc
 from augserve.client.errors import AugserveClientError
-from augserve.client.stream import BatchStream
+from augserve.client.stream import BatchStream, Reconnect
 from augserve.core.spec import AugmentSpec
 from augserve.rpc.convert import (
     BAD_IMAGE_VALUES,
@@ -18,7 +18,7 @@ from augserve.rpc.convert import (
 )
 from augserve.rpc import keepalive
 from augserve.rpc.security import TlsFiles, channel_credentials, client_token
-from augserve.transport.ring import shared_memory_available, write_probe
+from augserve.transport.ring import shared_memory_available
 
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", -1),
@@ -32,9 +32,17 @@ class Client:
     certificate and key for mutual TLS) and `token` (default: $AUGSERVE_TOKEN) when the server
     asks for them."""
 
-    def __init__(self, endpoint: str, timeout: float | None = None, token: str | None = None, tls: TlsFiles | None = None) -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        timeout: float | None = None,
+        token: str | None = None,
+        tls: TlsFiles | None = None,
+        reconnect: Reconnect = Reconnect(),
+    ) -> None:
         self.endpoint = endpoint
-        self.timeout = timeout
+        self.timeout = timeout  # unary calls: their deadline; streams: longest wait for a message
+        self.reconnect = reconnect
         if tls is None:
             self._channel = grpc.insecure_channel(endpoint, options=CHANNEL_OPTIONS)
         else:
@@ -97,16 +105,14 @@ class Client:
         )
         if spec is not None:
             open_message.spec.CopyFrom(spec_to_proto(spec))
-        probe = None
-        if transport != "inband" and shared_memory_available():
-            try:
-                probe, nonce = write_probe()
-            except OSError:
-                probe = None  # /dev/shm full or read-only: no proof of a shared host, so in-band
-            else:
-                open_message.shm_probe_name = probe
-                open_message.shm_probe_nonce = nonce
-        return BatchStream(self._stub, open_message, probe, self.timeout, self._metadata)
+        return BatchStream(
+            self._stub,
+            open_message,
+            shared_memory_probe=transport != "inband" and shared_memory_available(),
+            idle_timeout=self.timeout,
+            metadata=self._metadata,
+            reconnect=self.reconnect,
+        )
 
     def close(self) -> None:
         self._channel.close()

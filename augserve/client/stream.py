@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
@@ -15,7 +16,7 @@ from augserve._proto.augserve.v1 import augserve_pb2_grpc as pb_grpc
 from augserve.client.errors import AugserveClientError
 from augserve.client.tensors import IMAGENET_MEAN, IMAGENET_STD, to_torch
 from augserve.rpc.convert import tensor_from_proto
-from augserve.transport.ring import SHM_DIR, SlotReader, remove_probe
+from augserve.transport.ring import SHM_DIR, SlotReader, remove_probe, write_probe
 
 if TYPE_CHECKING:
     from augserve.client.connection import Client
@@ -60,37 +61,96 @@ class EpochSummary:
     skipped: int
 
 
+@dataclass(frozen=True)
+class Reconnect:
+    """How a stream outlives a server restart or a network blip: after UNAVAILABLE it opens
+    again with its last resume token, up to `attempts` times in a row, waiting `first_delay`
+    seconds, doubling up to `max_delay`. attempts=0 turns it off."""
+
+    attempts: int = 10
+    first_delay: float = 0.1
+    max_delay: float = 5.0
+
+    def delays(self) -> Iterator[float]:
+        delay = self.first_delay
+        for _ in range(self.attempts):
+            yield delay
+            delay = min(delay * 2, self.max_delay)
+
+
+RETRIED_CODES = (grpc.StatusCode.UNAVAILABLE,)
+
+
 class BatchStream:
-    """An open session. Iterate it for `ReceivedBatch`es; close it (or use `with`) when done."""
+    """An open session. Iterate it for `ReceivedBatch`es; close it (or use `with`) when done.
+
+    `idle_timeout` (seconds) ends the stream with DEADLINE_EXCEEDED when no message arrives for
+    that long while the caller waits for one (time the caller spends on a batch never counts).
+    After UNAVAILABLE the stream reopens itself with its last resume token (`reconnect`), so
+    the caller sees exactly the batches an uninterrupted stream would have given."""
 
     def __init__(
         self,
         stub: pb_grpc.AugmentStub,
         open_message: pb.OpenSession,
-        probe: str | None,
-        timeout: float | None,
+        *,
+        shared_memory_probe: bool,
+        idle_timeout: float | None,
         metadata: tuple[tuple[str, str], ...] = (),
+        reconnect: Reconnect = Reconnect(),
     ) -> None:
-        self._outgoing: queue.Queue[pb.ClientMessage | None] = queue.Queue()
-        self._outgoing.put(pb.ClientMessage(open=open_message))
-        self._probe = probe
+        self._stub = stub
+        self._open_message = open_message
+        self._shared_memory_probe = shared_memory_probe
+        self._idle_timeout = idle_timeout
+        self._metadata = metadata
+        self._reconnect = reconnect
         self._readers: dict[str, SlotReader] = {}  # shared-memory segments by name
         self._pending_release: int | None = None
         self._closed = False
         self._lock = threading.Lock()
+        self._waiting_since: float | None = None  # when the caller began waiting for a message
+        self._timed_out = False
+        self.reconnects = 0
         self.last_resume_token: bytes = open_message.resume_token
         self.epochs: list[EpochSummary] = []
         self.end_reason: str | None = None
-        self._call = stub.Stream(iter(self._outgoing.get, None), timeout=timeout, metadata=metadata)
         try:
-            first = next(self._call)
+            self._open()
         except grpc.RpcError as error:
-            self._cleanup()
-            raise AugserveClientError.from_rpc(error) from None
+            if error.code() not in RETRIED_CODES:
+                raise AugserveClientError.from_rpc(error) from None
+            self._reopen(error, reconnect.delays())
+        if idle_timeout is not None:
+            threading.Thread(target=self._watch_idle, name="augserve-stream-watchdog", daemon=True).start()
+
+    # --- opening (again) ---
+
+    def _open(self) -> None:
+        """Open the session (from the last resume token) and read its SessionInfo."""
+        self._outgoing: queue.Queue[pb.ClientMessage | None] = queue.Queue()
+        message = pb.OpenSession()
+        message.CopyFrom(self._open_message)
+        message.resume_token = self.last_resume_token
+        probe = None
+        if self._shared_memory_probe:
+            try:
+                probe, nonce = write_probe()
+            except OSError:
+                probe = None  # /dev/shm full or read-only: no proof of a shared host, so in-band
+            else:
+                message.shm_probe_name, message.shm_probe_nonce = probe, nonce
+        self._outgoing.put(pb.ClientMessage(open=message))
+        self._pending_release = None  # a new session: nothing of the old one to acknowledge
+        self._call = self._stub.Stream(iter(self._outgoing.get, None), metadata=self._metadata)
+        try:
+            first = self._next_message()
+        except grpc.RpcError:
+            self._outgoing.put(None)
+            raise
         finally:
             if probe is not None:
                 remove_probe(probe)
-                self._probe = None
         info = first.info
         self.facts = SessionFacts(
             session_id=info.session_id,
@@ -106,30 +166,95 @@ class BatchStream:
             shared=info.shared,
         )
         self._slot_bytes = info.slot_bytes
-        if info.shm_name:
+        if info.shm_name and info.shm_name not in self._readers:
             self._readers[info.shm_name] = self._map_segment(info.shm_name)
 
-    def __iter__(self) -> Iterator[ReceivedBatch]:
+    def _next_message(self) -> pb.ServerMessage:
+        """The call's next message; StopIteration at its end. The watchdog measures the wait."""
+        self._waiting_since = time.monotonic()
         try:
-            for message in self._call:
-                kind = message.WhichOneof("kind")
-                if kind == "batch":
-                    batch = self._receive(message.batch)
-                    self.last_resume_token = batch.resume_token
-                    yield batch
-                    # The caller asked for the next batch: free this one before waiting.
-                    self._acknowledge_previous()
-                elif kind == "epoch_end":
-                    end = message.epoch_end
-                    self.epochs.append(EpochSummary(end.epoch, end.samples, end.skipped))
-                elif kind == "end":
-                    self.end_reason = message.end.reason
-        except grpc.RpcError as error:
-            if self._closed and error.code() == grpc.StatusCode.CANCELLED:
-                return
-            raise AugserveClientError.from_rpc(error, self.last_resume_token) from None
+            return next(self._call)
+        finally:
+            self._waiting_since = None
+
+    def _watch_idle(self) -> None:
+        interval = min(1.0, self._idle_timeout / 4)
+        while not self._closed:
+            time.sleep(interval)
+            waiting_since = self._waiting_since
+            if waiting_since is not None and time.monotonic() - waiting_since > self._idle_timeout:
+                self._timed_out = True
+                self._call.cancel()
+
+    # --- reading ---
+
+    def __iter__(self) -> Iterator[ReceivedBatch]:
+        delays = self._reconnect.delays()
+        try:
+            while True:
+                try:
+                    for batch in self._batches():
+                        delays = self._reconnect.delays()  # a batch came: the next failure starts afresh
+                        yield batch
+                        # The caller asked for the next batch: free this one before waiting.
+                        self._acknowledge_previous()
+                    return
+                except grpc.RpcError as error:
+                    if self._closed and error.code() == grpc.StatusCode.CANCELLED:
+                        return
+                    if self._timed_out:
+                        raise AugserveClientError(
+                            grpc.StatusCode.DEADLINE_EXCEEDED,
+                            f"no message from the server for {self._idle_timeout:g} s",
+                            self.last_resume_token,
+                        ) from None
+                    if error.code() not in RETRIED_CODES:
+                        raise AugserveClientError.from_rpc(error, self.last_resume_token) from None
+                    self._reopen(error, delays)
         finally:
             self._acknowledge_previous()
+
+    def _reopen(self, error: grpc.RpcError, delays: Iterator[float]) -> None:
+        """Open again from the last resume token after `error`, waiting out the delays; raise
+        AugserveClientError when they are used up or the server refuses for another reason."""
+        self._outgoing.put(None)
+        while True:
+            delay = next(delays, None)
+            if delay is None:
+                raise AugserveClientError(
+                    error.code(),
+                    f"gave up after {self._reconnect.attempts} reconnect attempts: {error.details()}",
+                    self.last_resume_token,
+                ) from None
+            time.sleep(delay)
+            if self._closed:
+                raise AugserveClientError(grpc.StatusCode.CANCELLED, "the stream was closed", self.last_resume_token)
+            try:
+                self._open()
+            except grpc.RpcError as again:
+                if again.code() not in RETRIED_CODES:
+                    raise AugserveClientError.from_rpc(again, self.last_resume_token) from None
+                error = again
+                continue
+            self.reconnects += 1
+            return
+
+    def _batches(self) -> Iterator[ReceivedBatch]:
+        while True:
+            try:
+                message = self._next_message()
+            except StopIteration:
+                return
+            kind = message.WhichOneof("kind")
+            if kind == "batch":
+                batch = self._receive(message.batch)
+                self.last_resume_token = batch.resume_token
+                yield batch
+            elif kind == "epoch_end":
+                end = message.epoch_end
+                self.epochs.append(EpochSummary(end.epoch, end.samples, end.skipped))
+            elif kind == "end":
+                self.end_reason = message.end.reason
 
     def _receive(self, message: pb.Batch) -> ReceivedBatch:
         height, width = self.facts.output_size
@@ -139,9 +264,12 @@ class BatchStream:
                 reader = self._readers[message.shm_name] = self._map_segment(message.shm_name)
             images = reader.view(message.slot, (message.count, height, width, 3))
             self._pending_release = message.sequence
+        elif message.chunks:
+            images = self._assemble(message)
+            self._pending_release = -1  # in-band: only a credit to send
         else:
             images = tensor_from_proto(message.images)
-            self._pending_release = -1  # in-band: only a credit to send
+            self._pending_release = -1
         return ReceivedBatch(
             sequence=message.sequence,
             epoch=message.epoch,
@@ -152,6 +280,27 @@ class BatchStream:
             resume_token=message.resume_token,
             skipped=list(message.skipped),
         )
+
+    def _assemble(self, message: pb.Batch) -> np.ndarray:
+        """Read the batch's Chunk messages into one array (each chunk copied once, into place)."""
+        shape = tuple(message.images.shape)
+        images = np.empty(shape, np.dtype(message.images.dtype or "uint8"))
+        flat = images.reshape(-1).view(np.uint8)
+        filled = 0
+        for _ in range(message.chunks):
+            chunk = self._next_message()
+            if chunk.WhichOneof("kind") != "chunk" or chunk.chunk.sequence != message.sequence or chunk.chunk.offset != filled:
+                raise AugserveClientError(
+                    grpc.StatusCode.DATA_LOSS, f"batch {message.sequence}: chunks out of order", self.last_resume_token
+                )
+            data = chunk.chunk.data
+            flat[filled : filled + len(data)] = np.frombuffer(data, np.uint8)
+            filled += len(data)
+        if filled != flat.size:
+            raise AugserveClientError(
+                grpc.StatusCode.DATA_LOSS, f"batch {message.sequence}: {filled} of {flat.size} bytes came", self.last_resume_token
+            )
+        return images
 
     def _map_segment(self, name: str) -> SlotReader:
         """Map the server's segment `name`, or close this stream and raise AugserveClientError
@@ -200,16 +349,10 @@ class BatchStream:
                 return
             self._closed = True
         self._call.cancel()
-        self._cleanup()
-
-    def _cleanup(self) -> None:
         self._outgoing.put(None)
         for reader in self._readers.values():
             reader.close()
         self._readers.clear()
-        if self._probe is not None:
-            remove_probe(self._probe)
-            self._probe = None
 
     def __enter__(self) -> BatchStream:
         return self

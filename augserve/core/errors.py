@@ -43,3 +43,7 @@ class UnavailableError(AugserveError):
 
 class AuthenticationError(AugserveError):
     """Missing or wrong credentials."""
+
+
+class IdleError(AugserveError):
+    """A session that granted no credit and did nothing else for too long was closed."""

@@ -100,13 +100,6 @@ def spec_from_proto(message: pb.AugmentSpec, field: str = "open.spec") -> Augmen
 # ---- tensors ----
 
 
-def fill_tensor(message: pb.Tensor, array: np.ndarray) -> None:
-    """Write `array` into a (nested) Tensor message in place: one copy of the pixels."""
-    message.shape.extend(array.shape)
-    message.dtype = array.dtype.name
-    message.data = np.ascontiguousarray(array).tobytes()
-
-
 def tensor_from_proto(message: pb.Tensor) -> np.ndarray:
     """A read-only view of the message's bytes (no copy)."""
     return np.frombuffer(message.data, dtype=np.dtype(message.dtype)).reshape(tuple(message.shape))

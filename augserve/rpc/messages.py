@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+from typing import Iterator
+
 from augserve._proto.augserve.v1 import augserve_pb2 as pb
-from augserve.rpc.convert import fill_tensor
 from augserve.streaming.limits import Limits
 from augserve.streaming.session import Delivery, EpochEnded, Event, StreamEnded, StreamFacts
+
+
+# In-band pixels travel in chunks just under 4 MiB: every gRPC client's default receive limit
+# takes them, and buffers of that size are reused by the allocator instead of being mapped and
+# page-faulted afresh (as messages over 32 MiB are).
+DEFAULT_CHUNK_BYTES = (4 << 20) - (16 << 10)
+MIN_CHUNK_BYTES = 64 << 10
+MAX_CHUNK_BYTES = 64 << 20
 
 
 def limits_to_proto(limits: Limits) -> pb.Limits:
@@ -42,19 +51,29 @@ def session_info(facts: StreamFacts, backend: str) -> pb.ServerMessage:
     )
 
 
-def event_message(event: Event) -> pb.ServerMessage:
+def event_messages(event: Event, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[pb.ServerMessage]:
+    """The messages of one event: an in-band batch is its Batch, then its pixels in Chunks of at
+    most `chunk_bytes`, each copied once from the slot into its message."""
     if isinstance(event, Delivery):
-        return _batch_message(event)
-    if isinstance(event, EpochEnded):
-        return pb.ServerMessage(epoch_end=pb.EpochEnd(epoch=event.epoch, samples=event.samples, skipped=event.skipped))
-    if isinstance(event, StreamEnded):
-        return pb.ServerMessage(end=pb.End(reason=event.reason))
-    raise TypeError(f"not a stream event: {event!r}")
+        yield _batch_message(event, chunk_bytes)
+        if event.images is not None:
+            flat = event.images.reshape(-1)
+            for offset in range(0, flat.size, chunk_bytes):
+                message = pb.ServerMessage()
+                message.chunk.sequence = event.sequence
+                message.chunk.offset = offset
+                message.chunk.data = flat[offset : offset + chunk_bytes].tobytes()
+                yield message
+    elif isinstance(event, EpochEnded):
+        yield pb.ServerMessage(epoch_end=pb.EpochEnd(epoch=event.epoch, samples=event.samples, skipped=event.skipped))
+    elif isinstance(event, StreamEnded):
+        yield pb.ServerMessage(end=pb.End(reason=event.reason))
+    else:
+        raise TypeError(f"not a stream event: {event!r}")
 
 
-def _batch_message(delivery: Delivery) -> pb.ServerMessage:
-    """Built in place (a nested message given to a constructor is copied); in-band pixels are
-    copied once, from the slot into the message."""
+def _batch_message(delivery: Delivery, chunk_bytes: int) -> pb.ServerMessage:
+    """Built in place (a nested message given to a constructor is copied)."""
     server_message = pb.ServerMessage()
     message = server_message.batch
     message.sequence = delivery.sequence
@@ -69,5 +88,7 @@ def _batch_message(delivery: Delivery) -> pb.ServerMessage:
         message.slot = delivery.slot
         message.shm_name = delivery.shm_name
     else:
-        fill_tensor(message.images, delivery.images)
+        message.images.shape.extend(delivery.images.shape)
+        message.images.dtype = delivery.images.dtype.name
+        message.chunks = -(-delivery.images.nbytes // chunk_bytes)
     return server_message

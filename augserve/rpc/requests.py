@@ -21,6 +21,7 @@ from augserve.rpc.convert import (
     enum_name,
     spec_from_proto,
 )
+from augserve.rpc.messages import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, MIN_CHUNK_BYTES
 from augserve.streaming.keys import ResumeToken
 from augserve.streaming.request import SessionRequest
 
@@ -51,6 +52,8 @@ def parse_open(
         raise SpecError("open.epochs", f"{message.epochs} is over 1000000 (0 means endless)")
     if message.seed > MAX_SEED:
         raise SpecError("open.seed", f"{message.seed} is over the largest seed {MAX_SEED}")
+    if message.max_chunk_bytes and not MIN_CHUNK_BYTES <= message.max_chunk_bytes <= MAX_CHUNK_BYTES:
+        raise SpecError("open.max_chunk_bytes", f"{message.max_chunk_bytes} is outside [{MIN_CHUNK_BYTES}, {MAX_CHUNK_BYTES}] (0: the default)")
     resume = ResumeToken.decode(message.resume_token) if message.resume_token else None
     return SessionRequest(
         dataset=message.dataset,
@@ -70,4 +73,5 @@ def parse_open(
         group_size=message.group_size,
         shm_probe_name=message.shm_probe_name,
         shm_probe_nonce=message.shm_probe_nonce,
+        max_chunk_bytes=message.max_chunk_bytes or DEFAULT_CHUNK_BYTES,
     )

@@ -20,7 +20,7 @@ from augserve.core.errors import SpecError
 from augserve.core.spec import eval_spec
 from augserve.rpc.admission import PendingOpens, peer_host
 from augserve.rpc.convert import RESUME_METADATA_KEY
-from augserve.rpc.messages import event_message, limits_to_proto, session_info
+from augserve.rpc.messages import event_messages, limits_to_proto, session_info
 from augserve.rpc.requests import parse_open
 from augserve.rpc.status import status_of
 from augserve.streaming.manager import SessionManager
@@ -59,7 +59,7 @@ class AugmentServicer(pb_grpc.AugmentServicer):
             ).start()
             yield session_info(session.facts, self.manager.backend.name)
             for event in session.events():
-                yield event_message(event)
+                yield from event_messages(event, request.max_chunk_bytes)
         except Exception as error:
             code, message = status_of(error)
             if session is None:

@@ -9,6 +9,7 @@ import grpc
 from augserve.core.errors import (
     AuthenticationError,
     BadImageError,
+    IdleError,
     LimitError,
     NotFoundError,
     SpecError,
@@ -24,6 +25,7 @@ STATUS_OF: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (BadImageError, grpc.StatusCode.DATA_LOSS),
     (UnavailableError, grpc.StatusCode.UNAVAILABLE),
     (AuthenticationError, grpc.StatusCode.UNAUTHENTICATED),
+    (IdleError, grpc.StatusCode.DEADLINE_EXCEEDED),
 )
 
 

@@ -28,6 +28,7 @@ class Limits:
     group_window: int = 8  # slots beyond a producer's prefetch, for members to drift apart
     stall_seconds: float = 30.0  # a lockstep member that long without consuming is detached
     group_wait_seconds: float = 30.0  # longest a new group waits for its announced members
+    idle_session_seconds: float = 600.0  # a session with batches ready but no credit that long is closed
     open_timeout_seconds: float = 10.0  # a stream without its open message that long is cut
     max_pending_opens: int = 32  # streams waiting for their open message (past it the oldest is cut)
     max_pending_opens_per_peer: int = 8  # ... from one peer host
@@ -43,8 +44,9 @@ class Limits:
             raise SpecError("default_prefetch", f"is over max_prefetch {self.max_prefetch}")
         if self.group_window < 1:
             raise SpecError("group_window", "must be at least 1")
-        if not self.open_timeout_seconds > 0:
-            raise SpecError("open_timeout_seconds", "must be positive")
+        for name in ("open_timeout_seconds", "idle_session_seconds"):
+            if not getattr(self, name) > 0:
+                raise SpecError(name, "must be positive")
 
     @property
     def rpc_threads(self) -> int:

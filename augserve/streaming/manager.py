@@ -138,7 +138,7 @@ class SessionManager:
             if len(self.sessions) >= self.limits.max_sessions:
                 raise LimitError(f"server is full: {self.limits.max_sessions} sessions are open (limit max_sessions)")
             self._check_budget(inband_bytes, "this stream's in-band messages")
-            session = Session(request, key, cursor, end_epoch, prefetch, self.counters)
+            session = Session(request, key, cursor, end_epoch, prefetch, self.counters, self.limits.idle_session_seconds)
             producer = None if request.group_policy == "alone" else self._join(session, cursor)
             if producer is None:
                 producer = self._new_producer(

@@ -30,3 +30,4 @@ class SessionRequest:
     group_size: int
     shm_probe_name: str
     shm_probe_nonce: bytes
+    max_chunk_bytes: int = 0  # in-band: most pixel bytes per Chunk message; 0: the default

@@ -17,7 +17,7 @@ from typing import Iterator
 
 import numpy as np
 
-from augserve.core.errors import UnavailableError
+from augserve.core.errors import IdleError, UnavailableError
 from augserve.streaming.counters import Counters
 from augserve.streaming.credits import CreditWindow
 from augserve.streaming.cursor import Cursor
@@ -102,6 +102,7 @@ class Session:
         end_epoch: int | None,
         prefetch: int,
         counters: Counters,
+        idle_seconds: float = float("inf"),
     ) -> None:
         self.id = f"s{next(self._ids)}"
         self.request = request
@@ -118,6 +119,8 @@ class Session:
         self.outstanding: dict[int, tuple[Producer, int]] = {}
         self.last_token = b""
         self.last_consumed = time.monotonic()
+        self.last_activity = self.last_consumed  # any client message or delivery
+        self.idle_seconds = idle_seconds
         self.cancelled = False
         self.failure: Exception | None = None
         self.facts: StreamFacts | None = None
@@ -150,14 +153,16 @@ class Session:
     def grant(self, batches: int) -> None:
         with self.locked() as producer:
             self.credits.grant(batches)
+            self.last_activity = time.monotonic()
             producer.condition.notify_all()
 
     def release_slot(self, session_sequence: int) -> None:
         """The client is done with a shared-memory batch: its slot may be reused."""
         with self.locked() as producer:
             owner = self.outstanding.pop(session_sequence, None)
+            self.last_activity = time.monotonic()
             if owner is not None:
-                self.last_consumed = time.monotonic()
+                self.last_consumed = self.last_activity
             if owner is not None and owner[0] is producer:
                 producer.drop(self.id, owner[1])
                 producer.condition.notify_all()
@@ -217,12 +222,18 @@ class Session:
                         raise producer.error
                     if ready is None and producer.stopped:
                         raise UnavailableError("the producer of this stream stopped; reconnect with the last resume token")
-                    producer.condition.wait(timeout=WAIT_SECONDS)
+                    if ready is not None and time.monotonic() - self.last_activity > self.idle_seconds:
+                        raise IdleError(
+                            f"closed: batches were ready but no credit came for {self.idle_seconds:g} s "
+                            "(limit idle_session_seconds); reopen with the last resume token"
+                        )
+                    producer.condition.wait(timeout=min(WAIT_SECONDS, self.idle_seconds))
 
     def _deliver(self, producer: Producer, batch: ProducedBatch) -> Delivery:
         sequence = self.credits.sent
         self.credits.use()
         self.next_sequence += 1
+        self.last_activity = time.monotonic()
         token = ResumeToken(self.key.token_hash, *batch.next_cursor).encode()
         self.last_token = token
         shared_memory = self.key.shared_memory

@@ -92,7 +92,7 @@ class AugmentSpec(_message.Message):
     def __init__(self, ops: _Optional[_Iterable[_Union[Op, _Mapping]]] = ..., fill_mode: _Optional[str] = ..., fill_value: _Optional[int] = ...) -> None: ...
 
 class OpenSession(_message.Message):
-    __slots__ = ("dataset", "split", "spec", "batch_size", "seed", "epochs", "shard_index", "shard_count", "transport", "prefetch", "resume_token", "on_bad_image", "drop_last", "eval_size", "group_policy", "shm_probe_name", "shm_probe_nonce", "group_size")
+    __slots__ = ("dataset", "split", "spec", "batch_size", "seed", "epochs", "shard_index", "shard_count", "transport", "prefetch", "resume_token", "on_bad_image", "drop_last", "eval_size", "group_policy", "shm_probe_name", "shm_probe_nonce", "group_size", "max_chunk_bytes")
     DATASET_FIELD_NUMBER: _ClassVar[int]
     SPLIT_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
@@ -111,6 +111,7 @@ class OpenSession(_message.Message):
     SHM_PROBE_NAME_FIELD_NUMBER: _ClassVar[int]
     SHM_PROBE_NONCE_FIELD_NUMBER: _ClassVar[int]
     GROUP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     dataset: str
     split: Split
     spec: AugmentSpec
@@ -129,7 +130,8 @@ class OpenSession(_message.Message):
     shm_probe_name: str
     shm_probe_nonce: bytes
     group_size: int
-    def __init__(self, dataset: _Optional[str] = ..., split: _Optional[_Union[Split, str]] = ..., spec: _Optional[_Union[AugmentSpec, _Mapping]] = ..., batch_size: _Optional[int] = ..., seed: _Optional[int] = ..., epochs: _Optional[int] = ..., shard_index: _Optional[int] = ..., shard_count: _Optional[int] = ..., transport: _Optional[_Union[Transport, str]] = ..., prefetch: _Optional[int] = ..., resume_token: _Optional[bytes] = ..., on_bad_image: _Optional[_Union[BadImagePolicy, str]] = ..., drop_last: _Optional[bool] = ..., eval_size: _Optional[_Iterable[int]] = ..., group_policy: _Optional[_Union[GroupPolicy, str]] = ..., shm_probe_name: _Optional[str] = ..., shm_probe_nonce: _Optional[bytes] = ..., group_size: _Optional[int] = ...) -> None: ...
+    max_chunk_bytes: int
+    def __init__(self, dataset: _Optional[str] = ..., split: _Optional[_Union[Split, str]] = ..., spec: _Optional[_Union[AugmentSpec, _Mapping]] = ..., batch_size: _Optional[int] = ..., seed: _Optional[int] = ..., epochs: _Optional[int] = ..., shard_index: _Optional[int] = ..., shard_count: _Optional[int] = ..., transport: _Optional[_Union[Transport, str]] = ..., prefetch: _Optional[int] = ..., resume_token: _Optional[bytes] = ..., on_bad_image: _Optional[_Union[BadImagePolicy, str]] = ..., drop_last: _Optional[bool] = ..., eval_size: _Optional[_Iterable[int]] = ..., group_policy: _Optional[_Union[GroupPolicy, str]] = ..., shm_probe_name: _Optional[str] = ..., shm_probe_nonce: _Optional[bytes] = ..., group_size: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ...) -> None: ...
 
 class Credit(_message.Message):
     __slots__ = ("batches",)
@@ -196,7 +198,7 @@ class Tensor(_message.Message):
     def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class Batch(_message.Message):
-    __slots__ = ("sequence", "epoch", "position", "count", "images", "slot", "labels", "sample_ids", "resume_token", "skipped", "shm_name")
+    __slots__ = ("sequence", "epoch", "position", "count", "images", "slot", "labels", "sample_ids", "resume_token", "skipped", "shm_name", "chunks")
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
@@ -208,6 +210,7 @@ class Batch(_message.Message):
     RESUME_TOKEN_FIELD_NUMBER: _ClassVar[int]
     SKIPPED_FIELD_NUMBER: _ClassVar[int]
     SHM_NAME_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
     sequence: int
     epoch: int
     position: int
@@ -219,7 +222,18 @@ class Batch(_message.Message):
     resume_token: bytes
     skipped: _containers.RepeatedScalarFieldContainer[str]
     shm_name: str
-    def __init__(self, sequence: _Optional[int] = ..., epoch: _Optional[int] = ..., position: _Optional[int] = ..., count: _Optional[int] = ..., images: _Optional[_Union[Tensor, _Mapping]] = ..., slot: _Optional[int] = ..., labels: _Optional[_Iterable[int]] = ..., sample_ids: _Optional[_Iterable[int]] = ..., resume_token: _Optional[bytes] = ..., skipped: _Optional[_Iterable[str]] = ..., shm_name: _Optional[str] = ...) -> None: ...
+    chunks: int
+    def __init__(self, sequence: _Optional[int] = ..., epoch: _Optional[int] = ..., position: _Optional[int] = ..., count: _Optional[int] = ..., images: _Optional[_Union[Tensor, _Mapping]] = ..., slot: _Optional[int] = ..., labels: _Optional[_Iterable[int]] = ..., sample_ids: _Optional[_Iterable[int]] = ..., resume_token: _Optional[bytes] = ..., skipped: _Optional[_Iterable[str]] = ..., shm_name: _Optional[str] = ..., chunks: _Optional[int] = ...) -> None: ...
+
+class Chunk(_message.Message):
+    __slots__ = ("sequence", "offset", "data")
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    sequence: int
+    offset: int
+    data: bytes
+    def __init__(self, sequence: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class EpochEnd(_message.Message):
     __slots__ = ("epoch", "samples", "skipped")
@@ -238,16 +252,18 @@ class End(_message.Message):
     def __init__(self, reason: _Optional[str] = ...) -> None: ...
 
 class ServerMessage(_message.Message):
-    __slots__ = ("info", "batch", "epoch_end", "end")
+    __slots__ = ("info", "batch", "epoch_end", "end", "chunk")
     INFO_FIELD_NUMBER: _ClassVar[int]
     BATCH_FIELD_NUMBER: _ClassVar[int]
     EPOCH_END_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
     info: SessionInfo
     batch: Batch
     epoch_end: EpochEnd
     end: End
-    def __init__(self, info: _Optional[_Union[SessionInfo, _Mapping]] = ..., batch: _Optional[_Union[Batch, _Mapping]] = ..., epoch_end: _Optional[_Union[EpochEnd, _Mapping]] = ..., end: _Optional[_Union[End, _Mapping]] = ...) -> None: ...
+    chunk: Chunk
+    def __init__(self, info: _Optional[_Union[SessionInfo, _Mapping]] = ..., batch: _Optional[_Union[Batch, _Mapping]] = ..., epoch_end: _Optional[_Union[EpochEnd, _Mapping]] = ..., end: _Optional[_Union[End, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
 
 class ListDatasetsRequest(_message.Message):
     __slots__ = ()
