@@ -16,10 +16,9 @@ import logging
 import sys
 from typing import Any
 
-import yaml
-
 from augserve.core.errors import AugserveError, SpecError
 from augserve.core.keras import spec_dict_from_keras
+from augserve.core.yamlio import load_yaml
 from trainer.run_config import TrainConfig, set_dotted
 
 # flag -> dotted config field; each flag's type comes from argparse below.
@@ -130,7 +129,7 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
     data: dict[str, Any] = {}
     if args.config:
         with open(args.config, encoding="utf-8") as handle:
-            data = yaml.safe_load(handle) or {}
+            data = load_yaml(handle) or {}
         if not isinstance(data, dict):
             raise SpecError("config", f"{args.config} must hold a mapping of sections")
     for flag, dotted in FLAG_FIELDS.items():
@@ -154,7 +153,7 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
         dotted, separator, text = assignment.partition("=")
         if not separator:
             raise SpecError("--set", f"expected SECTION.FIELD=VALUE, got {assignment!r}")
-        set_dotted(data, dotted, yaml.safe_load(text))
+        set_dotted(data, dotted, load_yaml(text))
     return TrainConfig.from_dict(data)
 
 

@@ -36,6 +36,7 @@ import numpy as np
 import yaml
 
 from augserve.core.errors import AugserveError, SpecError
+from augserve.core.yamlio import load_yaml
 from trainer.run_config import TrainConfig, set_dotted
 
 log = logging.getLogger("sweep")
@@ -246,13 +247,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         with open(args.config, encoding="utf-8") as handle:
-            sweep = yaml.safe_load(handle) or {}
+            sweep = load_yaml(handle) or {}
         overrides = {}
         for assignment in args.set:
             dotted, separator, text = assignment.partition("=")
             if not separator:
                 raise SpecError("--set", f"expected SECTION.FIELD=VALUE, got {assignment!r}")
-            overrides[dotted] = yaml.safe_load(text)
+            overrides[dotted] = load_yaml(text)
         plans = plan_runs(sweep, overrides)
     except (OSError, yaml.YAMLError, AugserveError) as error:
         print(f"augserve-sweep: {error}", file=sys.stderr)

@@ -12,15 +12,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from augserve.backends import BACKEND_CHOICES, create_backend
-from augserve.data.demo import DemoConfig, ensure_demo_dataset
-from augserve.core.errors import AugserveError, SpecError
 from augserve.backends.batch import SourceImage, augment_batch
+from augserve.core.errors import AugserveError, SpecError
 from augserve.core.images import inspect_image
 from augserve.core.plan import MAX_SAMPLE_ID, explain_plan, make_plan
 from augserve.core.spec import AugmentSpec, load_spec_file
+from augserve.core.yamlio import load_yaml
+from augserve.data.demo import DemoConfig, ensure_demo_dataset
 
 DEFAULT_PREVIEW_SPEC = {
     "ops": [
@@ -164,7 +164,7 @@ def _server_config(args: argparse.Namespace) -> Any:
     settings: dict[str, Any] = {}
     if args.config:
         with open(args.config, encoding="utf-8") as handle:
-            settings = yaml.safe_load(handle) or {}
+            settings = load_yaml(handle) or {}
         if not isinstance(settings, dict):
             raise SpecError("config", "expected a mapping")
     known = {

@@ -139,8 +139,10 @@ class AugmentSpec:
     def from_yaml(cls, text: str) -> AugmentSpec:
         import yaml  # imported here: a client that never reads YAML needs no PyYAML
 
+        from augserve.core.yamlio import load_yaml
+
         try:
-            data = yaml.safe_load(text)
+            data = load_yaml(text)
         except yaml.YAMLError as error:
             raise SpecError("spec", f"not valid YAML: {error}") from None
         return cls.from_dict(data)
