@@ -4,6 +4,7 @@ against one shared server, ranked, tabulated and plotted."""
 from __future__ import annotations
 
 import csv
+import math
 import re
 import subprocess
 import sys
@@ -72,5 +73,16 @@ def test_main_job_runs_end_to_end_and_lists_every_run(demo_root, tmp_path):
     for plot in ("val_accuracy.png", "val_loss.png", "train_data_loss.png"):
         assert (tmp_path / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # One production fed all four trainers' training streams (validation streams are their own).
-    produced, delivered = map(int, re.search(r"produced (\d+) batches and delivered (\d+)", result.stderr).groups())
+    produced, delivered = map(int, re.search(r"produced (\d+) batches and delivered (\d+)", result.stdout).groups())
     assert delivered >= 3 * produced - 30, (produced, delivered)
+    # The terminal shows the runs, not the server's log: that goes to a file, whose path it names.
+    assert "INFO" not in result.stdout + result.stderr
+    log_path = tmp_path / "sweep.log"
+    assert str(log_path) in result.stdout and "session s1 opened" in log_path.read_text()
+    progress = result.stdout.split("rank", 1)[0]
+    for name in names:  # not a terminal: plain lines, one per epoch and one at the end
+        lines = [line for line in progress.splitlines() if line.startswith(name + " ")]
+        assert 1 <= len(lines) <= 2 and lines[-1].endswith("done"), (name, lines)
+        assert "epoch 1/1" in lines[-1] and " step " in lines[-1] and " loss " in lines[-1], (name, lines)
+    steps = {row["run"]: row["steps"] for row in rows}
+    assert steps["full-batch-gd"] == "1" and steps["adam"] == str(math.ceil(1200 / 64)), steps

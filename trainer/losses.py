@@ -28,7 +28,7 @@ mini-batch's loss as it is (Keras' kernel_regularizer); it is independent of the
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Mapping, Protocol
 
 from trainer.config import check_choice, check_integer, check_number, config_from_dict, config_to_dict, registrar
 

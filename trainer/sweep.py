@@ -30,13 +30,14 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import yaml
 
 from augserve.core.errors import AugserveError, SpecError
 from augserve.core.yamlio import load_yaml
+from trainer.progress import ProgressBoard, RunLine
 from trainer.run_config import TrainConfig, set_dotted
 
 log = logging.getLogger("sweep")
@@ -133,8 +134,15 @@ def _folder_name(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_.=," else "_" for c in name)[:100]
 
 
-def run_sweep(plans: list[RunPlan], output: Path, concurrency: int, endpoints: list[str] | None = None) -> list[RunResult]:
-    """Train every plan as its own process, `concurrency` at a time."""
+def run_sweep(
+    plans: list[RunPlan],
+    output: Path,
+    concurrency: int,
+    endpoints: list[str] | None = None,
+    on_finish: Callable[[str, int], None] | None = None,
+) -> list[RunResult]:
+    """Train every plan as its own process, `concurrency` at a time; `on_finish(name, exit
+    code)` is told as each ends."""
     output.mkdir(parents=True, exist_ok=True)
     starts_together = concurrency >= len(plans)
     same_stream = Counter(_stream_key(plan.config) for plan in plans)
@@ -161,6 +169,8 @@ def run_sweep(plans: list[RunPlan], output: Path, concurrency: int, endpoints: l
                 epochs = list(csv.DictReader(handle))
         result = RunResult(plan.name, folder, code, time.monotonic() - started, epochs)
         log.info("run %s finished (exit %d) in %.0f s", plan.name, code, result.seconds)
+        if on_finish is not None:
+            on_finish(plan.name, code)
         return result
 
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
@@ -174,7 +184,10 @@ def leaderboard(results: list[RunResult]) -> str:
         fallback = result.number("train_accuracy")
         return (result.returncode != 0, -(value if not math.isnan(value) else -1), -(fallback if not math.isnan(fallback) else -1))
 
-    header = f"{'rank':>4}  {'run':<34} {'val acc':>7} {'val loss':>8} {'train acc':>9} {'train loss':>10} {'epochs':>6} {'img/s':>7} {'time':>6}"
+    header = (
+        f"{'rank':>4}  {'run':<34} {'val acc':>7} {'val loss':>8} {'train acc':>9} {'train loss':>10} {'epochs':>6} "
+        f"{'steps':>6} {'img/s':>7} {'time':>6}"
+    )
     lines = [header, "-" * len(header)]
     for rank, result in enumerate(sorted(results, key=order), start=1):
         if result.returncode != 0:
@@ -183,14 +196,14 @@ def leaderboard(results: list[RunResult]) -> str:
         lines.append(
             f"{rank:>4}  {result.name:<34} {result.number('val_accuracy'):>7.3f} {result.number('val_loss'):>8.4f} "
             f"{result.number('train_accuracy'):>9.3f} {result.number('train_data_loss'):>10.4f} {len(result.epochs):>6} "
-            f"{result.number('images_per_second'):>7.0f} {result.seconds:>5.0f}s"
+            f"{result.number('step'):>6.0f} {result.number('images_per_second'):>7.0f} {result.seconds:>5.0f}s"
         )
     return "\n".join(lines)
 
 
 def write_outputs(results: list[RunResult], output: Path) -> list[Path]:
     """leaderboard.csv, summary.json and the PNG plots; returns the plot paths."""
-    columns = ["run", "exit_code", "val_accuracy", "val_loss", "train_accuracy", "train_data_loss", "epochs", "seconds", "folder"]
+    columns = ["run", "exit_code", "val_accuracy", "val_loss", "train_accuracy", "train_data_loss", "epochs", "steps", "seconds", "folder"]
     with open(output / "leaderboard.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(columns)
@@ -198,6 +211,7 @@ def write_outputs(results: list[RunResult], output: Path) -> list[Path]:
             writer.writerow([
                 result.name, result.returncode, result.number("val_accuracy"), result.number("val_loss"),
                 result.number("train_accuracy"), result.number("train_data_loss"), len(result.epochs),
+                "" if math.isnan(result.number("step")) else int(result.number("step")),
                 round(result.seconds, 1), str(result.folder),
             ])
     (output / "summary.json").write_text(json.dumps(
@@ -229,6 +243,20 @@ def write_outputs(results: list[RunResult], output: Path) -> list[Path]:
     return plots
 
 
+def _log_to_file(output: Path, level: str) -> Path:
+    """Send every log record (the in-process server's included) to output/sweep.log; only
+    warnings and errors also reach the terminal."""
+    output.mkdir(parents=True, exist_ok=True)
+    path = output / "sweep.log"
+    file_handler = logging.FileHandler(path, mode="w", encoding="utf-8")
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    terminal = logging.StreamHandler(sys.stderr)
+    terminal.setLevel(logging.WARNING)
+    terminal.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[file_handler, terminal], force=True)
+    return path
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="augserve-sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="sweep YAML: base, runs / grid / random, concurrency, output")
@@ -238,13 +266,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--concurrency", type=int, help="runs at once (default: the file's, else 4)")
     parser.add_argument("--output", help="sweep folder (default: the file's, else runs/sweep)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override for every run")
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-level", default="INFO", help="level of the log file (the server's and the sweep's log)")
+    parser.add_argument("--no-progress", action="store_true", help="plain lines per epoch instead of live lines")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         with open(args.config, encoding="utf-8") as handle:
             sweep = load_yaml(handle) or {}
@@ -260,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     output = Path(args.output or sweep.get("output") or "runs/sweep")
     concurrency = args.concurrency or int(sweep.get("concurrency", 4))
+    log_path = _log_to_file(output, args.log_level)
+    print(f"{len(plans)} runs, {concurrency} at a time, into {output}; server and sweep log: {log_path}")
     server = None
     endpoints = args.endpoint
     if args.serve_demo:
@@ -271,11 +301,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         log.info("sweep of %d runs, %d at a time, into %s", len(plans), concurrency, output)
         started = time.monotonic()
-        results = run_sweep(plans, output, concurrency, endpoints)
+        board = ProgressBoard(
+            [RunLine(plan.name, output / _folder_name(plan.name), plan.config.data.epochs) for plan in plans],
+            sys.stdout,
+            live=sys.stdout.isatty() and not args.no_progress,
+        ).start()
+        try:
+            results = run_sweep(plans, output, concurrency, endpoints, on_finish=board.finish)
+        finally:
+            board.close()
         if server is not None:
             info = server.manager.counters.snapshot()
-            log.info("server produced %d batches and delivered %d (%.1fx sharing)",
-                     info.batches_produced, info.batches_delivered, info.batches_delivered / max(info.batches_produced, 1))
+            print(f"The server produced {info.batches_produced} batches and delivered {info.batches_delivered} "
+                  f"({info.batches_delivered / max(info.batches_produced, 1):.1f}x sharing).")
     finally:
         if server is not None:
             server.stop(grace=2.0)
