@@ -269,8 +269,12 @@ def test_generated_stubs_are_current(tmp_path):
         capture_output=True, text=True, check=False,
     )
     assert result.returncode == 0, result.stderr
-    generated = {path.relative_to(tmp_path) for path in (tmp_path / "augserve" / "_proto").rglob("*_pb2*.py*")}
-    checked_in = {path.relative_to(ROOT) for path in (ROOT / "augserve" / "_proto").rglob("*_pb2*.py*")}
+    # The stubs and the descriptor set reflection serves (generator.GENERATED_GLOBS).
+    def generated_under(root: Path) -> set[Path]:
+        folder = root / "augserve" / "_proto"
+        return {path.relative_to(root) for pattern in generator.GENERATED_GLOBS for path in folder.rglob(pattern)}
+
+    generated, checked_in = generated_under(tmp_path), generated_under(ROOT)
     # Equal sets: a stub nobody regenerates, or a run that wrote nothing, is stale too.
     assert generated and generated == checked_in, (sorted(map(str, generated)), sorted(map(str, checked_in)))
     for relative in sorted(generated):

@@ -63,6 +63,13 @@ class Client:
         except grpc.RpcError as error:
             raise AugserveClientError.from_rpc(error) from None
 
+    def describe_ops(self) -> pb.DescribeOpsResponse:
+        """The server's op vocabulary: every op and parameter with type, unit, bounds, default."""
+        try:
+            return self._stub.DescribeOps(pb.DescribeOpsRequest(), timeout=self.timeout or 30, metadata=self._metadata)
+        except grpc.RpcError as error:
+            raise AugserveClientError.from_rpc(error) from None
+
     def stream(
         self,
         dataset: str,

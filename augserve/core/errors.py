@@ -41,6 +41,17 @@ class UnavailableError(AugserveError):
     """The server is shutting down or cannot serve right now; retry (with a resume token)."""
 
 
+class BackendError(UnavailableError):
+    """The backend itself failed, not an image: DALI not importable, a pipeline that would not
+    build, a CUDA error, out of memory. The server's fault, so UNAVAILABLE (retry later, with a
+    resume token); `cause` says which of those it was."""
+
+    def __init__(self, cause: str, detail: str) -> None:
+        super().__init__(f"backend failure ({cause}): {detail}")
+        self.cause = cause
+        self.detail = detail
+
+
 class AuthenticationError(AugserveError):
     """Missing or wrong credentials."""
 

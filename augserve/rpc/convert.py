@@ -48,7 +48,7 @@ def enum_name(field: str, value: int, names: dict[int, str]) -> str:
 # ---- specs ----
 
 
-def _param_to_proto(value: Any) -> pb.ParamValue:
+def param_to_proto(value: Any) -> pb.ParamValue:
     if isinstance(value, bool):
         return pb.ParamValue(flag=value)
     if isinstance(value, (int, float)):
@@ -62,7 +62,7 @@ def _plain_number(value: float) -> int | float:
     return int(value) if float(value).is_integer() else float(value)
 
 
-def _param_from_proto(value: pb.ParamValue) -> Any:
+def param_from_proto(value: pb.ParamValue) -> Any:
     kind = value.WhichOneof("kind")
     if kind == "flag":
         return value.flag
@@ -80,14 +80,14 @@ def spec_to_proto(spec: AugmentSpec) -> pb.AugmentSpec:
     for op in spec.ops:
         entry = message.ops.add(name=op.name)
         for key, value in op.params:
-            entry.params[key].CopyFrom(_param_to_proto(value))
+            entry.params[key].CopyFrom(param_to_proto(value))
     return message
 
 
 def spec_from_proto(message: pb.AugmentSpec, field: str = "open.spec") -> AugmentSpec:
     """Validate a wire spec through the op registry; errors name e.g. open.spec.ops[0].rotate.degrees."""
     data = {
-        "ops": [{op.name: {key: _param_from_proto(value) for key, value in op.params.items()}} for op in message.ops],
+        "ops": [{op.name: {key: param_from_proto(value) for key, value in op.params.items()}} for op in message.ops],
         "fill_mode": message.fill_mode or "constant",
         "fill_value": int(message.fill_value),
     }

@@ -26,6 +26,7 @@ from augserve.data.datasets import Dataset, load_manifest
 from augserve.data.reading import DEFAULT_MAX_FILE_BYTES
 from augserve.rpc import keepalive
 from augserve.rpc.metrics import MetricsEndpoint
+from augserve.rpc.schema import reflection_pool
 from augserve.rpc.security import TlsFiles, TokenInterceptor, load_tokens, server_credentials
 from augserve.rpc.servicer import SERVICE_NAME, AugmentServicer, TolerantDecoding
 from augserve.streaming.limits import Limits
@@ -113,7 +114,9 @@ class AugserveServer:
         pb_grpc.add_AugmentServicer_to_server(self.servicer, self.grpc_server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
-        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc_server)
+        # The pool of augserve/rpc/schema.py: method symbols resolve and the proto's comments travel.
+        reflected = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(reflected, self.grpc_server, pool=reflection_pool(reflected))
         address = f"{config.host}:{config.port}"
         if config.tls is not None:
             self.port = self.grpc_server.add_secure_port(address, server_credentials(config.tls))

@@ -22,6 +22,7 @@ from augserve.rpc.admission import PendingOpens, peer_host
 from augserve.rpc.convert import RESUME_METADATA_KEY
 from augserve.rpc.messages import event_messages, limits_to_proto, session_info
 from augserve.rpc.requests import parse_open
+from augserve.rpc.schema import describe_ops_response
 from augserve.rpc.status import status_of
 from augserve.streaming.manager import SessionManager
 from augserve.streaming.session import Session
@@ -122,6 +123,11 @@ class AugmentServicer(pb_grpc.AugmentServicer):
             datasets=sorted(manager.datasets),
             buffer_bytes=snapshot.buffer_bytes,
         )
+
+    def DescribeOps(self, request: pb.DescribeOpsRequest, context: grpc.ServicerContext) -> pb.DescribeOpsResponse:
+        if isinstance(request, Undecodable):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(request.field_error()))
+        return describe_ops_response()
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,16 @@ class GroupPolicy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     GROUP_POLICY_LOCKSTEP: _ClassVar[GroupPolicy]
     GROUP_POLICY_DETACH: _ClassVar[GroupPolicy]
     GROUP_POLICY_ALONE: _ClassVar[GroupPolicy]
+
+class ParamType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PARAM_TYPE_UNSPECIFIED: _ClassVar[ParamType]
+    PARAM_TYPE_FLOAT: _ClassVar[ParamType]
+    PARAM_TYPE_INT: _ClassVar[ParamType]
+    PARAM_TYPE_RANGE: _ClassVar[ParamType]
+    PARAM_TYPE_SIZE: _ClassVar[ParamType]
+    PARAM_TYPE_BOOL: _ClassVar[ParamType]
+    PARAM_TYPE_CHOICE: _ClassVar[ParamType]
 SPLIT_UNSPECIFIED: Split
 SPLIT_TRAIN: Split
 SPLIT_VALIDATION: Split
@@ -47,6 +57,13 @@ GROUP_POLICY_UNSPECIFIED: GroupPolicy
 GROUP_POLICY_LOCKSTEP: GroupPolicy
 GROUP_POLICY_DETACH: GroupPolicy
 GROUP_POLICY_ALONE: GroupPolicy
+PARAM_TYPE_UNSPECIFIED: ParamType
+PARAM_TYPE_FLOAT: ParamType
+PARAM_TYPE_INT: ParamType
+PARAM_TYPE_RANGE: ParamType
+PARAM_TYPE_SIZE: ParamType
+PARAM_TYPE_BOOL: ParamType
+PARAM_TYPE_CHOICE: ParamType
 
 class NumberList(_message.Message):
     __slots__ = ("values",)
@@ -336,3 +353,63 @@ class ServerInfo(_message.Message):
     datasets: _containers.RepeatedScalarFieldContainer[str]
     buffer_bytes: int
     def __init__(self, version: _Optional[str] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., live_sessions: _Optional[int] = ..., producers: _Optional[int] = ..., batches_produced: _Optional[int] = ..., batches_delivered: _Optional[int] = ..., datasets: _Optional[_Iterable[str]] = ..., buffer_bytes: _Optional[int] = ...) -> None: ...
+
+class DescribeOpsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ParamSchema(_message.Message):
+    __slots__ = ("name", "type", "doc", "unit", "low", "high", "default_value", "required", "choices", "center", "summary")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    DOC_FIELD_NUMBER: _ClassVar[int]
+    UNIT_FIELD_NUMBER: _ClassVar[int]
+    LOW_FIELD_NUMBER: _ClassVar[int]
+    HIGH_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_VALUE_FIELD_NUMBER: _ClassVar[int]
+    REQUIRED_FIELD_NUMBER: _ClassVar[int]
+    CHOICES_FIELD_NUMBER: _ClassVar[int]
+    CENTER_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    type: ParamType
+    doc: str
+    unit: str
+    low: float
+    high: float
+    default_value: ParamValue
+    required: bool
+    choices: _containers.RepeatedScalarFieldContainer[str]
+    center: float
+    summary: str
+    def __init__(self, name: _Optional[str] = ..., type: _Optional[_Union[ParamType, str]] = ..., doc: _Optional[str] = ..., unit: _Optional[str] = ..., low: _Optional[float] = ..., high: _Optional[float] = ..., default_value: _Optional[_Union[ParamValue, _Mapping]] = ..., required: _Optional[bool] = ..., choices: _Optional[_Iterable[str]] = ..., center: _Optional[float] = ..., summary: _Optional[str] = ...) -> None: ...
+
+class OpSchema(_message.Message):
+    __slots__ = ("name", "category", "doc", "fixes_size", "params")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    CATEGORY_FIELD_NUMBER: _ClassVar[int]
+    DOC_FIELD_NUMBER: _ClassVar[int]
+    FIXES_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    category: str
+    doc: str
+    fixes_size: bool
+    params: _containers.RepeatedCompositeFieldContainer[ParamSchema]
+    def __init__(self, name: _Optional[str] = ..., category: _Optional[str] = ..., doc: _Optional[str] = ..., fixes_size: _Optional[bool] = ..., params: _Optional[_Iterable[_Union[ParamSchema, _Mapping]]] = ...) -> None: ...
+
+class SpecSchema(_message.Message):
+    __slots__ = ("keys", "max_ops")
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    MAX_OPS_FIELD_NUMBER: _ClassVar[int]
+    keys: _containers.RepeatedCompositeFieldContainer[ParamSchema]
+    max_ops: int
+    def __init__(self, keys: _Optional[_Iterable[_Union[ParamSchema, _Mapping]]] = ..., max_ops: _Optional[int] = ...) -> None: ...
+
+class DescribeOpsResponse(_message.Message):
+    __slots__ = ("ops", "spec")
+    OPS_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    ops: _containers.RepeatedCompositeFieldContainer[OpSchema]
+    spec: SpecSchema
+    def __init__(self, ops: _Optional[_Iterable[_Union[OpSchema, _Mapping]]] = ..., spec: _Optional[_Union[SpecSchema, _Mapping]] = ...) -> None: ...

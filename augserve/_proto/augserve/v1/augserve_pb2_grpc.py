@@ -27,7 +27,10 @@ if _version_not_supported:
 
 
 class AugmentStub:
-    """Missing associated documentation comment in .proto file."""
+    """Augmentation as a service: a trainer opens a stream on a named dataset with an augmentation
+    spec and receives augmented batches, deterministic in (seed, sample id, spec), resumable at
+    any batch.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -50,28 +53,89 @@ class AugmentStub:
                 request_serializer=augserve_dot___proto_dot_augserve_dot_v1_dot_augserve__pb2.ServerInfoRequest.SerializeToString,
                 response_deserializer=augserve_dot___proto_dot_augserve_dot_v1_dot_augserve__pb2.ServerInfo.FromString,
                 _registered_method=True)
+        self.DescribeOps = channel.unary_unary(
+                '/augserve.v1.Augment/DescribeOps',
+                request_serializer=augserve_dot___proto_dot_augserve_dot_v1_dot_augserve__pb2.DescribeOpsRequest.SerializeToString,
+                response_deserializer=augserve_dot___proto_dot_augserve_dot_v1_dot_augserve__pb2.DescribeOpsResponse.FromString,
+                _registered_method=True)
 
 
 class AugmentServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Augmentation as a service: a trainer opens a stream on a named dataset with an augmentation
+    spec and receives augmented batches, deterministic in (seed, sample id, spec), resumable at
+    any batch.
+    """
 
     def Stream(self, request_iterator, context):
-        """One session: the first client message opens it, later ones grant credits and release
-        shared-memory slots. The server answers with SessionInfo, then Batch and EpochEnd messages,
-        then End. Errors end the stream with a status whose message names the offending field.
+        """One session. The client's first message is `open` (OpenSession); later ones are `credit`
+        (Credit) and, on shared memory, `release` (ReleaseSlot). The server answers with one
+        SessionInfo, then Batch messages (each in-band Batch followed by its Chunk messages) and an
+        EpochEnd after each epoch, then End when the asked-for epochs are done.
+
+        Credits: the server sends a batch only while the client holds credit. The window starts at
+        the session's `prefetch` and grows by every Credit.batches granted; credits are honoured,
+        never dropped. On shared memory the server also holds back while `prefetch` batches are
+        unreleased: a session never holds more than `prefetch` slots, whatever credit it grants.
+
+        Resume tokens: every Batch carries `resume_token`; reopening with it continues exactly after
+        that batch. When a stream that has delivered a batch ends with an error status, the trailing
+        metadata `augserve-resume-token-bin` (binary metadata) holds the token of the last batch
+        sent, so a client that lost the Batch message itself still resumes without a gap.
+
+        Status codes, besides those above:
+        INVALID_ARGUMENT    a first message other than open; a second open; an empty
+        ClientMessage; a bad spec, split, enum value, batch_size 0,
+        shard_index >= shard_count, seed or epochs out of range, a shard with
+        no samples, drop_last with fewer samples than a batch; a resume token
+        not issued by a server, or for another stream; a dataset whose images
+        differ in size under a spec that fixes no output size;
+        TRANSPORT_SHARED_MEMORY from a client not on the server's host.
+        NOT_FOUND           `open.dataset` names no dataset this server serves (ListDatasets).
+        RESOURCE_EXHAUSTED  max_sessions, max_batch_size, max_prefetch, max_spec_ops,
+        max_output_pixels, the batch bytes limit or the server's memory
+        budget (max_buffer_bytes) would be passed.
+        DATA_LOSS           BAD_IMAGE_POLICY_FAIL and an image that cannot be decoded (the message
+        names the file). Clients also raise it themselves when a batch's
+        Chunks do not add up to its images.
+        UNAVAILABLE         the server is shutting down (before or during the session), the
+        stream's producer stopped, or the backend itself failed (DALI, CUDA,
+        out of memory; not an image's fault); reconnect with the last resume
+        token.
+        DEADLINE_EXCEEDED   batches were ready but no credit came for idle_session_seconds (600 s
+        by default): the session was closed; reopen with the last resume token.
+        Also a client's own deadline.
+        CANCELLED           no open message came within open_timeout_seconds (10 s by default), or
+        the stream was cut before its open message to admit newer ones (too
+        many streams waiting to open, from one host or in all).
+        FAILED_PRECONDITION raised by clients (not the server): the server chose shared memory but
+        its segment cannot be mapped here; reopen with TRANSPORT_INBAND.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListDatasets(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """The datasets this server serves, by name, with their sizes and classes. Status codes: those
+        common to every call.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetServerInfo(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """The server's version, backend, device, limits and counters. Status codes: those common to
+        every call.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DescribeOps(self, request, context):
+        """The op vocabulary of AugmentSpec: every op the server's registry defines, with each
+        parameter's type, unit, bounds and default, and the spec-level keys. Generated from the same
+        registry that validates specs, so a spec built from it is accepted. Status codes: those
+        common to every call.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -94,6 +158,11 @@ def add_AugmentServicer_to_server(servicer, server):
                     request_deserializer=augserve_dot___proto_dot_augserve_dot_v1_dot_augserve__pb2.ServerInfoRequest.FromString,
                     response_serializer=augserve_dot___proto_dot_augserve_dot_v1_dot_augserve__pb2.ServerInfo.SerializeToString,
             ),
+            'DescribeOps': grpc.unary_unary_rpc_method_handler(
+                    servicer.DescribeOps,
+                    request_deserializer=augserve_dot___proto_dot_augserve_dot_v1_dot_augserve__pb2.DescribeOpsRequest.FromString,
+                    response_serializer=augserve_dot___proto_dot_augserve_dot_v1_dot_augserve__pb2.DescribeOpsResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'augserve.v1.Augment', rpc_method_handlers)
@@ -103,7 +172,10 @@ def add_AugmentServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Augment:
-    """Missing associated documentation comment in .proto file."""
+    """Augmentation as a service: a trainer opens a stream on a named dataset with an augmentation
+    spec and receives augmented batches, deterministic in (seed, sample id, spec), resumable at
+    any batch.
+    """
 
     @staticmethod
     def Stream(request_iterator,
@@ -176,6 +248,33 @@ class Augment:
             '/augserve.v1.Augment/GetServerInfo',
             augserve_dot___proto_dot_augserve_dot_v1_dot_augserve__pb2.ServerInfoRequest.SerializeToString,
             augserve_dot___proto_dot_augserve_dot_v1_dot_augserve__pb2.ServerInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DescribeOps(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/augserve.v1.Augment/DescribeOps',
+            augserve_dot___proto_dot_augserve_dot_v1_dot_augserve__pb2.DescribeOpsRequest.SerializeToString,
+            augserve_dot___proto_dot_augserve_dot_v1_dot_augserve__pb2.DescribeOpsResponse.FromString,
             options,
             channel_credentials,
             insecure,
