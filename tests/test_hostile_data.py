@@ -320,6 +320,13 @@ def test_clients_are_told_dataset_relative_paths_only(tmp_path, control_root, cl
 # ---- (e) a file resized mid-stream ----
 
 
+def replace_file(path: Path, data: bytes) -> None:
+    """Swap a file's content at once (a producer reading ahead must never see it half written)."""
+    temporary = path.with_name(path.name + ".swap")
+    temporary.write_bytes(data)
+    os.replace(temporary, path)
+
+
 def test_a_file_resized_mid_stream_is_a_bad_image(tmp_path, control_root, clean_batches):
     """Was: with a spec that keeps the indexed size, the whole batch failed with a SpecError
     ("images of this batch differ in size"). Now that file is a bad image: skipped and named,
@@ -339,7 +346,7 @@ def test_a_file_resized_mid_stream_is_a_bad_image(tmp_path, control_root, clean_
             batches = iter(stream)
             first = next(batches)
             assert first.images.shape == (4, 32, 32, 3) and not first.skipped
-            resized.write_bytes(encode(picture(99, 40, 24)))
+            replace_file(resized, encode(picture(99, 40, 24)))
             for _, batch in zip(range(40), batches):  # the file comes again within 4 epochs
                 for entry in batch.skipped:
                     seen.add(entry)
@@ -348,14 +355,14 @@ def test_a_file_resized_mid_stream_is_a_bad_image(tmp_path, control_root, clean_
             assert batch.skipped == [reason]
             assert sample_id not in batch.sample_ids and batch.images.shape == (3, 32, 32, 3)
         # fail: DATA_LOSS naming it; every batch before it complete.
-        resized.write_bytes(original)
+        replace_file(resized, original)
         with Client(server.address, timeout=TIMEOUT_SECONDS) as client, client.stream(
             "hostile", spec=FLIP, batch_size=4, epochs=0, seed=8, split="all", transport="inband",
             on_bad_image="fail",
         ) as stream:
             batches = iter(stream)
             good = [next(batches)]
-            resized.write_bytes(encode(picture(99, 40, 24)))
+            replace_file(resized, encode(picture(99, 40, 24)))
             with pytest.raises(AugserveClientError) as caught:
                 for _, batch in zip(range(40), batches):
                     good.append(batch)
