@@ -26,7 +26,7 @@ import grpc
 import pytest
 from servers import ServerProcess, running_server, segments_of, wait_until
 
-from augserve.client import AugserveClientError, Client
+from augserve.client import AugserveClientError, Client, Reconnect
 from augserve.core.spec import AugmentSpec
 from augserve.data.demo import DemoConfig, ensure_demo_dataset
 from augserve.rpc.server import DatasetConfig
@@ -233,7 +233,8 @@ def test_a_truncated_segment_ends_its_stream_with_unavailable(tmp_path, dataset_
     try:
         prefetch = 1
         slot_count = prefetch + Limits().group_window
-        with Client(process.address, timeout=60) as client:
+        # Without reconnecting, to see the status (a client that reconnects carries on with a new ring).
+        with Client(process.address, timeout=60, reconnect=Reconnect(attempts=0)) as client:
             produced = client.server_info().batches_produced
             with client.stream(
                 "shapes", spec=SPEC, batch_size=2, seed=5, epochs=0, prefetch=prefetch, transport="shared_memory"

@@ -41,7 +41,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from augserve._proto.augserve.v1 import augserve_pb2 as pb
 from augserve._proto.augserve.v1 import augserve_pb2_grpc as pb_grpc
-from augserve.client import AugserveClientError, Client
+from augserve.client import AugserveClientError, Client, Reconnect
 from augserve.data.demo import DemoConfig, ensure_demo_dataset
 from augserve.rpc.server import DatasetConfig
 from augserve.core.spec import AugmentSpec
@@ -228,7 +228,7 @@ def test_sigterm_mid_stream_then_restart_resumes_byte_identically(tmp_path, shap
     first = ServerProcess(tmp_path, {"shapes": str(shapes_root)})
     head: list[bytes] = []
     try:
-        with Client(first.address) as client, client.stream(
+        with Client(first.address, reconnect=Reconnect(attempts=0)) as client, client.stream(
             "shapes", spec=RESUME_SPEC, batch_size=5, epochs=0, seed=21, transport=transport
         ) as stream, pytest.raises(AugserveClientError) as caught:
             for batch in stream:

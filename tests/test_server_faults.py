@@ -17,7 +17,7 @@ import pytest
 
 from augserve._proto.augserve.v1 import augserve_pb2 as pb
 from augserve._proto.augserve.v1 import augserve_pb2_grpc as pb_grpc
-from augserve.client import AugserveClientError, Client
+from augserve.client import AugserveClientError, Client, Reconnect
 from augserve.data.demo import DemoConfig, ensure_demo_dataset
 from augserve.rpc.server import DatasetConfig
 from augserve.core.spec import AugmentSpec
@@ -190,7 +190,7 @@ def test_client_killed_with_sigkill_releases_everything(server, transport):
 def test_sigterm_ends_streams_with_unavailable_and_a_resume_token(tmp_path, dataset_root):
     process = ServerProcess(tmp_path, {"shapes": str(dataset_root)})
     try:
-        with Client(process.address) as client:
+        with Client(process.address, reconnect=Reconnect(attempts=0)) as client:
             stream = client.stream("shapes", spec=SPEC, batch_size=4, epochs=0, transport="shared_memory")
             received = []
             with pytest.raises(AugserveClientError) as caught:

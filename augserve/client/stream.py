@@ -63,8 +63,8 @@ class EpochSummary:
 
 @dataclass(frozen=True)
 class Reconnect:
-    """How a stream outlives a server restart or a network blip: after UNAVAILABLE it opens
-    again with its last resume token, up to `attempts` times in a row, waiting `first_delay`
+    """How a stream outlives a server restart or a network blip: after UNAVAILABLE mid-stream it
+    opens again with its last resume token, up to `attempts` times in a row, waiting `first_delay`
     seconds, doubling up to `max_delay`. attempts=0 turns it off."""
 
     attempts: int = 10
@@ -116,11 +116,9 @@ class BatchStream:
         self.epochs: list[EpochSummary] = []
         self.end_reason: str | None = None
         try:
-            self._open()
+            self._open()  # a server that cannot be reached at all is the caller's to know at once
         except grpc.RpcError as error:
-            if error.code() not in RETRIED_CODES:
-                raise AugserveClientError.from_rpc(error) from None
-            self._reopen(error, reconnect.delays())
+            raise AugserveClientError.from_rpc(error) from None
         if idle_timeout is not None:
             threading.Thread(target=self._watch_idle, name="augserve-stream-watchdog", daemon=True).start()
 
