@@ -361,7 +361,7 @@ PROBES = {
 def test_hostile_probe_names_get_inband_without_hanging(make_probe, server, baseline, tmp_path, monkeypatch):
     nonce = secrets.token_bytes(16)
     path = make_probe(nonce, tmp_path)
-    monkeypatch.setattr("augserve.client.connection.write_probe", lambda: (path.name, nonce))
+    monkeypatch.setattr("augserve.client.stream.write_probe", lambda: (path.name, nonce))
     monkeypatch.setattr("augserve.client.stream.remove_probe", lambda name: None)  # the test removes it
     try:
         # The deadline bounds the open: before the fix a FIFO held the RPC thread in open().
