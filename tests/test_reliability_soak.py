@@ -236,7 +236,7 @@ def test_sigterm_mid_stream_then_restart_resumes_byte_identically(tmp_path, shap
                 if len(head) == 3:
                     first.signal(signal.SIGTERM)
                     # Read on once the server is shutting down, however late the signal lands.
-                    assert wait_until(lambda: not_serving(first.address), timeout=10)
+                    assert wait_until(lambda: not_serving(first.address), timeout=30)
         assert caught.value.code == grpc.StatusCode.UNAVAILABLE
         assert caught.value.resume_token == stream.last_resume_token  # the last batch received
         assert first.wait(30) == 0
