@@ -18,9 +18,11 @@ augserve's plan drawing (`make_plan`) counts in both modes, as albumentations' p
 drawing does. Each cell's `--seconds` is split into rounds taken in turn with the other
 contenders of its column, and the median round is reported (the machine may be shared).
 
-OpenCV's own thread pool is set to one thread for the whole run (`cv2.setNumThreads(1)`):
-every contender then gets its parallelism only from running images on `threads` worker
-threads, and a "1 thread" cell really uses one core for the pixel work.
+OpenCV's own thread pool is set to one thread for the whole run (`cv2.setNumThreads(1)`, as
+the OpenCV backend also sets it): every contender then gets its parallelism only from running
+images on `threads` worker threads, and a "1 thread" cell really uses one core for the pixel
+work. augserve and albumentations split a batch over their threads alike, as the OpenCV backend
+does (`run_samples`: one task per thread, each taking the batch's next image).
 """
 
 from __future__ import annotations
@@ -54,10 +56,10 @@ from common import (
     write_json,
 )
 
-from augserve.backends.dali import DaliBackend, dali_available
-from augserve.backends.opencv import OpenCVBackend, apply_plan, decode_stored
-from augserve.core.plan import make_plan
 from augserve.backends.batch import SourceImage, augment_batch
+from augserve.backends.dali import DaliBackend, dali_available
+from augserve.backends.opencv import OpenCVBackend, apply_plan, decode_stored, run_samples
+from augserve.core.plan import make_plan
 from augserve.core.spec import AugmentSpec
 
 SPEC = {
@@ -191,6 +193,12 @@ def make_image_sets(batch_size: int) -> list[ImageSet]:
 # --- contenders ------------------------------------------------------------------------------
 
 
+def check_no_failures(failures: dict[int, str]) -> None:
+    """Every image of a timed batch must succeed: a failed one would count without its work."""
+    if failures:
+        raise RuntimeError(f"{len(failures)} images of a batch failed: {failures}")
+
+
 def build_albumentations() -> A.Compose:
     """The spec's ops in albumentations. Affine and ColorJitter default to p=0.5; augserve
     always applies its rotate, shift and colour ops, so both get p=1."""
@@ -210,6 +218,7 @@ class AlbumentationsPool:
     would make them race."""
 
     def __init__(self, threads: int) -> None:
+        self._threads = threads
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="bench-albumentations")
         self._local = threading.local()
 
@@ -231,7 +240,7 @@ class AlbumentationsPool:
                 image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
             out[index] = self._compose()(image=image)["image"]
 
-        list(self._pool.map(run, range(len(images))))
+        check_no_failures(run_samples(self._pool, self._threads, len(images), run))
         return out
 
     def close(self) -> None:
@@ -239,10 +248,10 @@ class AlbumentationsPool:
 
 
 def apply_plan_runner(
-    pool: ThreadPoolExecutor, spec: AugmentSpec, image_set: ImageSet
+    pool: ThreadPoolExecutor, threads: int, spec: AugmentSpec, image_set: ImageSet
 ) -> BatchRunner:
     """Decode excluded for augserve OpenCV: plans drawn in the caller, then `apply_plan` on the
-    pool, the same split as `augment_batch` + `OpenCVBackend.augment`."""
+    pool, split as `augment_batch` + `OpenCVBackend.augment` split it (`run_samples`)."""
 
     def run(batch_index: int) -> int:
         plans = [
@@ -254,7 +263,7 @@ def apply_plan_runner(
         def run_one(index: int) -> None:
             apply_plan(image_set.decoded[index], plans[index], out[index])
 
-        list(pool.map(run_one, range(len(plans))))
+        check_no_failures(run_samples(pool, threads, len(plans), run_one))
         return len(out)
 
     return run
@@ -362,7 +371,9 @@ def run_benchmark(config: BenchConfig) -> list[Cell]:
                 else None
             )
             runners: dict[tuple[str, str], BatchRunner | None] = {
-                (OPENCV, DECODE_EXCLUDED): apply_plan_runner(apply_plan_pool, spec, image_set),
+                (OPENCV, DECODE_EXCLUDED): apply_plan_runner(
+                    apply_plan_pool, threads, spec, image_set
+                ),
                 (OPENCV, DECODE_INCLUDED): augserve_runner(opencv_backend, spec, image_set),
                 (DALI_CPU, DECODE_EXCLUDED): None,
                 (DALI_CPU, DECODE_INCLUDED): (

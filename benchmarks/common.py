@@ -18,19 +18,23 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import json
 import multiprocessing
 import os
 import platform
 import re
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from functools import partial
 from importlib.metadata import PackageNotFoundError, version
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -39,14 +43,15 @@ from typing import Protocol
 import cv2
 import numpy as np
 
-from augserve.backends.opencv import OpenCVBackend
-from augserve.client import Client
-from augserve.data.datasets import Manifest, epoch_order, load_manifest
-from augserve.core.images import HeaderCache
 from augserve.backends.batch import SourceImage, augment_batch
+from augserve.backends.opencv import DECODE_FLAGS, OpenCVBackend, run_samples
+from augserve.client import Client
+from augserve.core.images import HeaderCache
+from augserve.core.plan import make_plan
+from augserve.core.spec import AugmentSpec
+from augserve.data.datasets import Manifest, epoch_order, load_manifest
 from augserve.rpc.server import AugserveServer, DatasetConfig, ServerConfig, create_server
 from augserve.streaming.limits import Limits
-from augserve.core.spec import AugmentSpec
 
 # Photos bundled with scikit-image (no download); each becomes one class folder.
 SAMPLE_PHOTOS = (
@@ -186,9 +191,11 @@ def window_arguments(
     seconds: float,
     quick_seconds: float,
     quick_what: str,
+    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
 ) -> argparse.Namespace:
     """--seconds (default `seconds`, or `quick_seconds` with --quick), --json and --quick (a
-    smoke run: `quick_what`, one round) of a window benchmark."""
+    smoke run: `quick_what`, one round) of a window benchmark; `add_arguments` adds a script's
+    own."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument(
         "--seconds",
@@ -207,6 +214,8 @@ def window_arguments(
         action="store_true",
         help=f"a smoke run: {quick_what}, one round, {quick_seconds:g} s per cell",
     )
+    if add_arguments is not None:
+        add_arguments(parser)
     args = parser.parse_args(argv)
     if args.seconds is None:
         args.seconds = quick_seconds if args.quick else seconds
@@ -227,19 +236,175 @@ def exit_on_signal(number: int, frame: object) -> None:
 # --- the server ------------------------------------------------------------------------------
 
 
-def start_server(dataset_path: Path) -> AugserveServer:
-    """A server on 127.0.0.1 (a free port) with the OpenCV backend on every core, serving
-    `dataset_path` as DATASET_NAME."""
-    return create_server(
-        ServerConfig(
-            host="127.0.0.1",
-            port=0,
-            backend="opencv",
-            threads=os.cpu_count() or 1,
-            datasets={DATASET_NAME: DatasetConfig(str(dataset_path))},
-            limits=Limits(),
-        )
+def server_config(dataset_path: Path) -> ServerConfig:
+    """127.0.0.1 (a free port), the OpenCV backend on every core, `dataset_path` served as
+    DATASET_NAME."""
+    return ServerConfig(
+        host="127.0.0.1",
+        port=0,
+        backend="opencv",
+        threads=os.cpu_count() or 1,
+        datasets={DATASET_NAME: DatasetConfig(str(dataset_path))},
+        limits=Limits(),
     )
+
+
+def start_server(dataset_path: Path) -> AugserveServer:
+    """A server of `server_config(dataset_path)`, started."""
+    return create_server(server_config(dataset_path))
+
+
+def start_server_with_link(dataset_path: Path, link: ShapedLink) -> tuple[AugserveServer, str]:
+    """A server of `server_config(dataset_path)` that also listens on the server end of `link`
+    (gRPC binds when the port is added, so the socket is made inside the link's server
+    namespace); the server and that address."""
+    server = AugserveServer(server_config(dataset_path))
+    with in_network_namespace(link.server_namespace):
+        port = server.grpc_server.add_insecure_port(f"{LINK_SERVER_ADDRESS}:0")
+    if port == 0:
+        server.stop(grace=0)
+        raise OSError(f"cannot bind {LINK_SERVER_ADDRESS} in {link.server_namespace}")
+    return server.start(), f"{LINK_SERVER_ADDRESS}:{port}"
+
+
+# --- a shaped link between two network namespaces ---------------------------------------------
+
+CLONE_NEWNET = 0x40000000  # setns(2): the descriptor names a network namespace
+# Addresses of the two ends; they exist only inside the link's own namespaces.
+LINK_SERVER_ADDRESS = "10.213.0.1"
+LINK_CLIENT_ADDRESS = "10.213.0.2"
+LINK_PREFIX_LENGTH = 30
+# tc's token-bucket filter: a bucket of 4 ms at the rate (at least 64 KiB) and a queue of 50 ms.
+LINK_BURST_SECONDS = 0.004
+LINK_LATENCY = "50ms"
+IP_TIMEOUT_SECONDS = 10.0
+
+
+class LinkUnavailable(Exception):
+    """The shaped link could not be set up here; the text says why."""
+
+
+def _join_namespace(descriptor: int) -> None:
+    """setns(2) the calling thread into the network namespace `descriptor` names."""
+    if hasattr(os, "setns"):  # Python 3.12 and later
+        os.setns(descriptor, CLONE_NEWNET)
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.setns(descriptor, CLONE_NEWNET) != 0:
+        number = ctypes.get_errno()
+        raise OSError(number, f"setns: {os.strerror(number)}")
+
+
+def enter_network_namespace(name: str) -> None:
+    """Move the calling thread into the namespace `ip netns` calls `name`; threads it starts
+    afterwards, and sockets it makes, are there too."""
+    descriptor = os.open(f"/run/netns/{name}", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        _join_namespace(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+@contextlib.contextmanager
+def in_network_namespace(name: str) -> Iterator[None]:
+    """The calling thread in namespace `name` for the block, then back in its own; sockets
+    made in the block stay in `name`."""
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        enter_network_namespace(name)
+        try:
+            yield
+        finally:
+            _join_namespace(own)
+    finally:
+        os.close(own)
+
+
+def _ip(*arguments: str) -> None:
+    """Run iproute2's `ip` (or `tc` when the first argument is "tc"); CalledProcessError with
+    its stderr when it fails."""
+    command = list(arguments) if arguments[0] == "tc" else ["ip", *arguments]
+    subprocess.run(command, check=True, capture_output=True, text=True, timeout=IP_TIMEOUT_SECONDS)
+
+
+def rate_bits_per_second(rate: str) -> float:
+    """Bits per second of a rate in tc's units ("10gbit", "500mbit")."""
+    units = {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9}
+    for unit, factor in units.items():
+        if rate.endswith(unit):
+            return float(rate[: -len(unit)]) * factor
+    raise ValueError(f"rate {rate!r}: expected a number and kbit, mbit or gbit")
+
+
+class ShapedLink:
+    """Two network namespaces of this run (the server's end and the clients' end) joined by a
+    veth pair made inside them, with addresses LINK_SERVER_ADDRESS and LINK_CLIENT_ADDRESS that
+    exist only there. `shape(rate)` puts a token-bucket filter of `rate` ("10gbit", tc's units)
+    on both ends, `shape(None)` takes it off; `close()` deletes both namespaces and with them the
+    pair. Needs root (CAP_NET_ADMIN and CAP_SYS_ADMIN) and iproute2; `LinkUnavailable` says why
+    when it cannot be made."""
+
+    def __init__(self, tag: str) -> None:
+        """`tag` (at most 12 letters or digits, e.g. the process id) names both namespaces and
+        both ends."""
+        self.server_namespace = f"augbench-{tag}-server"
+        self.client_namespace = f"augbench-{tag}-client"
+        # Interface names have at most 15 characters.
+        self._server_device = f"ab{tag}s"
+        self._client_device = f"ab{tag}c"
+        self.rate: str | None = None
+        self._made: list[str] = []
+        try:
+            for namespace in (self.server_namespace, self.client_namespace):
+                _ip("netns", "add", namespace)
+                self._made.append(namespace)
+            _ip(
+                "link", "add", self._server_device, "netns", self.server_namespace, "type", "veth",
+                "peer", "name", self._client_device, "netns", self.client_namespace,
+            )  # fmt: skip
+            for namespace, device, address in self._ends():
+                prefixed = f"{address}/{LINK_PREFIX_LENGTH}"
+                _ip("-n", namespace, "addr", "add", prefixed, "dev", device)
+                _ip("-n", namespace, "link", "set", device, "up")
+                _ip("-n", namespace, "link", "set", "lo", "up")
+        except subprocess.CalledProcessError as error:
+            self.close()
+            command = " ".join(error.cmd)
+            raise LinkUnavailable(f"`{command}` failed: {error.stderr.strip()}") from None
+        except (OSError, subprocess.TimeoutExpired) as error:  # no `ip`, or it hung
+            self.close()
+            raise LinkUnavailable(str(error)) from None
+
+    def _ends(self) -> tuple[tuple[str, str, str], ...]:
+        return (
+            (self.server_namespace, self._server_device, LINK_SERVER_ADDRESS),
+            (self.client_namespace, self._client_device, LINK_CLIENT_ADDRESS),
+        )
+
+    def shape(self, rate: str | None) -> None:
+        if rate == self.rate:
+            return
+        for namespace, device, _ in self._ends():
+            if rate is None:
+                _ip("tc", "-n", namespace, "qdisc", "del", "dev", device, "root")
+                continue
+            burst = max(64 << 10, int(rate_bits_per_second(rate) / 8 * LINK_BURST_SECONDS))
+            _ip(
+                "tc", "-n", namespace, "qdisc", "replace", "dev", device, "root", "tbf",
+                "rate", rate, "burst", str(burst), "latency", LINK_LATENCY,
+            )  # fmt: skip
+        self.rate = rate
+
+    def close(self) -> None:
+        for namespace in reversed(self._made):
+            # Whatever fails here, the other namespace still goes.
+            subprocess.run(
+                ["ip", "netns", "del", namespace],
+                check=False,
+                capture_output=True,
+                timeout=IP_TIMEOUT_SECONDS,
+            )
+        self._made.clear()
 
 
 @dataclass(frozen=True)
@@ -335,6 +500,21 @@ def consume(batches: Iterator[np.ndarray], signals: WindowSignals) -> ConsumerRo
     return ConsumerRound(images, batches_counted, last[0] - first[0], last[1] - first[1], checksum)
 
 
+def read_plainly(manifest: Manifest, sample_ids: Sequence[int]) -> list[SourceImage]:
+    """The samples' files read with a plain open and read, each with its identity (byte size,
+    modification time in ns): the least a loader of files does."""
+    sources = []
+    for sample_id in sample_ids:
+        path = manifest.path(sample_id)
+        with open(path, "rb") as handle:
+            status = os.fstat(handle.fileno())
+            identity = (status.st_size, status.st_mtime_ns)
+            data = handle.read()
+        label = int(manifest.labels[sample_id])
+        sources.append(SourceImage(sample_id, label, path, data, identity))
+    return sources
+
+
 def in_process_batches(
     backend: OpenCVBackend,
     manifest: Manifest,
@@ -353,18 +533,56 @@ def in_process_batches(
     while True:
         order = epoch_order(ids, seed, epoch, 0, 1, shuffle=True)
         for position in range(0, len(order) - batch_size + 1, batch_size):
-            sources = []
-            for sample_id in order[position : position + batch_size].tolist():
-                path = manifest.path(sample_id)
-                with open(path, "rb") as handle:
-                    status = os.fstat(handle.fileno())
-                    identity = (status.st_size, status.st_mtime_ns)
-                    data = handle.read()
-                label = int(manifest.labels[sample_id])
-                sources.append(SourceImage(sample_id, label, path, data, identity))
+            sources = read_plainly(manifest, order[position : position + batch_size].tolist())
             yield augment_batch(
                 backend, spec, seed, epoch, sources, out=out, headers=headers
             ).images
+        epoch += 1
+
+
+def bare_batches(
+    pool: ThreadPoolExecutor,
+    threads: int,
+    manifest: Manifest,
+    spec: AugmentSpec,
+    batch_size: int,
+    seed: int,
+) -> Iterator[np.ndarray]:
+    """Endless batches of `manifest` made with the least a producer does: read the batch's
+    files (`read_plainly`), then `cv2.imdecode` (the backend's flags) and one `cv2.warpAffine`
+    per image into one reused output array, as `threads` tasks on `pool` that each take the next
+    image until none is left (`run_samples`, as the OpenCV backend runs a batch).
+
+    No header checks, no plans, no bad-image handling: each sample's warp is its plan's for
+    epoch 0, drawn before the first batch, so the pixel work is that of `augment_batch` for the
+    same spec (which must have no colour or erasing ops)."""
+    side = spec.fixed_output_size
+    out = np.empty((batch_size, *side, 3), np.uint8)
+    ids = np.arange(len(manifest), dtype=np.int64)
+    warps = {}
+    for source in read_plainly(manifest, ids.tolist()):
+        image = cv2.imdecode(np.frombuffer(source.data, np.uint8), cv2.IMREAD_COLOR_RGB)
+        plan = make_plan(spec, seed, 0, source.sample_id, image.shape[:2])
+        if plan.color is not None or plan.erase_steps:
+            raise ValueError("bare_batches runs warps only: the spec has colour or erasing ops")
+        warps[source.sample_id] = plan.warp
+    flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
+    size = (side[1], side[0])  # (width, height), as OpenCV takes it
+
+    def work(sources: list[SourceImage], index: int) -> None:
+        source = sources[index]
+        image = cv2.imdecode(np.frombuffer(source.data, np.uint8), DECODE_FLAGS)
+        cv2.warpAffine(image, warps[source.sample_id], size, dst=out[index], flags=flags)
+
+    epoch = 0
+    while True:
+        order = epoch_order(ids, seed, epoch, 0, 1, shuffle=True)
+        for position in range(0, len(order) - batch_size + 1, batch_size):
+            sources = read_plainly(manifest, order[position : position + batch_size].tolist())
+            failures = run_samples(pool, threads, len(sources), partial(work, sources))
+            if failures:
+                raise RuntimeError(f"the bare loop failed on {failures}")
+            yield out
         epoch += 1
 
 
@@ -398,9 +616,10 @@ class WorkerResources:
 @dataclass(frozen=True)
 class StreamJob:
     """One stream from a server for one round. `transport` is "shared_memory" or "inband";
-    `group_size` and `group_policy` go to `Client.stream` as they are; `expect_shared`: whether
-    the server must call the stream shared (the round fails otherwise: with it False, streams
-    meant to run apart must differ in seed or ask for `group_policy="alone"`)."""
+    `group_size`, `group_policy` and `compression` go to `Client.stream` as they are;
+    `expect_shared`: whether the server must call the stream shared (the round fails otherwise:
+    with it False, streams meant to run apart must differ in seed or ask for
+    `group_policy="alone"`)."""
 
     address: str
     dataset: str
@@ -411,10 +630,12 @@ class StreamJob:
     group_size: int = 0
     group_policy: str = "lockstep"
     expect_shared: bool = False
+    compression: str = "none"
 
     @property
     def label(self) -> str:
-        return f"seed {self.seed}, {self.transport}"
+        codec = "" if self.compression == "none" else f" {self.compression}"
+        return f"seed {self.seed}, {self.transport}{codec}"
 
     def batches(self, resources: WorkerResources) -> Iterator[np.ndarray]:
         """Endless batches of the stream; the stream closes when the generator does."""
@@ -427,6 +648,7 @@ class StreamJob:
             transport=self.transport,
             group_size=self.group_size,
             group_policy=self.group_policy,
+            compression=self.compression,
         ) as stream:
             if stream.facts.transport != self.transport:
                 raise RuntimeError(
@@ -497,8 +719,11 @@ class PipeSignals:
         return self._window
 
 
-def client_worker(connection: Connection) -> None:
-    """A client process: runs one Job per ("stream", job) message until ("stop",)."""
+def client_worker(connection: Connection, network_namespace: str | None = None) -> None:
+    """A client process: runs one Job per ("stream", job) message until ("stop",), in
+    `network_namespace` when one is named (entered before any socket is made)."""
+    if network_namespace is not None:
+        enter_network_namespace(network_namespace)
     resources = WorkerResources()
     try:
         while True:
@@ -603,16 +828,21 @@ class ProcessConsumer:
 
 class ClientPool:
     """`count` client processes running `client_worker` (spawned: no fork of a process running
-    gRPC threads), named `name`-0, `name`-1, ..."""
+    gRPC threads), named `name`-0, `name`-1, ..., in `network_namespace` when one is named."""
 
-    def __init__(self, count: int, name: str = "bench-client") -> None:
+    def __init__(
+        self, count: int, name: str = "bench-client", network_namespace: str | None = None
+    ) -> None:
         context = multiprocessing.get_context("spawn")
         self.connections: list[Connection] = []
         self.processes = []
         for index in range(count):
             ours, theirs = context.Pipe()
             process = context.Process(
-                target=client_worker, args=(theirs,), name=f"{name}-{index}", daemon=True
+                target=client_worker,
+                args=(theirs, network_namespace),
+                name=f"{name}-{index}",
+                daemon=True,
             )
             process.start()
             theirs.close()

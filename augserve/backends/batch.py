@@ -3,8 +3,8 @@ bad-image policy. The server's producers and the in-process benchmarks both call
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 
@@ -55,6 +55,9 @@ def augment_batch(
     skipped: list[SkippedImage] = []
     usable: list[SourceImage] = []
     plans: list[SamplePlan] = []
+    # Looked up once, not per image: this loop is the producer's per-image Python.
+    expected_size = None if output_size is None else tuple(output_size)
+    max_pixels = policy.max_pixels
 
     def reject(source: SourceImage, reason: str) -> None:
         if policy.on_bad_image == "fail":
@@ -67,14 +70,14 @@ def augment_batch(
             continue
         try:
             if headers is None:
-                header = inspect_image(source.data, source.source, policy.max_pixels)
+                header = inspect_image(source.data, source.source, max_pixels)
             else:
-                header = headers.inspect(source.data, source.source, source.identity, policy.max_pixels)
+                header = headers.inspect(source.data, source.source, source.identity, max_pixels)
         except BadImageError as error:
             reject(source, error.reason)
             continue
         plan = make_plan(spec, seed, epoch, source.sample_id, (header.height, header.width), header.orientation)
-        if output_size is not None and plan.output_size != tuple(output_size):
+        if expected_size is not None and plan.output_size != expected_size:
             # Specs without a fixed output size take the size the dataset was indexed with;
             # a file replaced by one of another size since then cannot fill this stream's slots.
             upright = (header.height, header.width) if header.orientation <= 4 else (header.width, header.height)

@@ -1,16 +1,19 @@
 """The OpenCV backend: the CPU fallback, and the reference the DALI backend is tested against.
 
 Per sample: `imdecode` to RGB as stored, one `warpAffine` (which also applies the EXIF
-orientation) straight into the batch's output slot,
-one `cv2.transform` for the colour matrix, numpy slices for erasing. Samples run on a thread
-pool; OpenCV releases the GIL, so threads scale with cores.
+orientation) straight into the batch's output slot, one `cv2.transform` for the colour matrix,
+numpy slices for erasing. A batch runs on a thread pool as one task per worker thread, each
+taking the batch's next sample until none is left; OpenCV releases the GIL, so threads scale
+with cores.
 """
 
 from __future__ import annotations
 
+import itertools
+import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
-from typing import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import cv2
 import numpy as np
@@ -18,7 +21,13 @@ import numpy as np
 from augserve.backends.base import AugmentResult, compact, output_array
 from augserve.core.plan import SamplePlan
 
+log = logging.getLogger(__name__)
+
+# RGB as stored: plans carry the EXIF orientation in their warp.
+DECODE_FLAGS = cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION
 INTERPOLATION_FLAGS = {"linear": cv2.INTER_LINEAR, "nearest": cv2.INTER_NEAREST}
+# Plans map output pixels to source pixels, so every warp is an inverse map.
+WARP_FLAGS = {name: flag | cv2.WARP_INVERSE_MAP for name, flag in INTERPOLATION_FLAGS.items()}
 BORDER_MODES = {"constant": cv2.BORDER_CONSTANT, "nearest": cv2.BORDER_REPLICATE}
 
 
@@ -28,7 +37,7 @@ class DecodeError(Exception):
 
 def decode_stored(data: bytes) -> np.ndarray:
     """Decode to [H, W, 3] uint8 RGB as stored (no EXIF rotation); DecodeError if corrupt."""
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION)
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), DECODE_FLAGS)
     if image is None:
         raise DecodeError("could not be decoded")
     return image
@@ -37,14 +46,16 @@ def decode_stored(data: bytes) -> np.ndarray:
 def apply_plan(image: np.ndarray, plan: SamplePlan, out: np.ndarray) -> None:
     """Write the augmented `image` (decoded, [H, W, 3] uint8 RGB as stored) into `out`."""
     if image.shape[:2] != plan.source_size:
-        raise DecodeError(f"decoded size {image.shape[:2]} differs from the header's {plan.source_size}")
+        raise DecodeError(
+            f"decoded size {image.shape[:2]} differs from the header's {plan.source_size}"
+        )
     out_h, out_w = plan.output_size
     cv2.warpAffine(
         image,
         plan.warp,
         (out_w, out_h),
         dst=out,
-        flags=INTERPOLATION_FLAGS[plan.interpolation] | cv2.WARP_INVERSE_MAP,
+        flags=WARP_FLAGS[plan.interpolation],
         borderMode=BORDER_MODES[plan.fill_mode],
         borderValue=(plan.fill_value,) * 3,
     )
@@ -60,32 +71,76 @@ def augment_into(data: bytes, plan: SamplePlan, out: np.ndarray) -> None:
     apply_plan(decode_stored(data), plan, out)
 
 
+def run_samples(
+    pool: ThreadPoolExecutor, tasks: int, count: int, work: Callable[[int], None]
+) -> dict[int, str]:
+    """Call `work(index)` for every index in range(count) as `tasks` tasks on `pool`, each taking
+    the next index until none is left; return the reasons of the samples whose work raised
+    DecodeError or cv2.error, by ascending index. Returns when every task has ended (none still
+    writes into an output then), and raises what else a task raised.
+
+    A task per sample cost a future, a queue hand-off and a thread wake-up per image, in Python
+    under the GIL; fixed shares per task would leave a thread idle when its share decoded
+    faster. next() on itertools.count is atomic under the GIL.
+    """
+    take = itertools.count().__next__
+
+    def run() -> dict[int, str]:
+        failures: dict[int, str] = {}
+        index = take()
+        while index < count:
+            try:
+                work(index)
+            except (DecodeError, cv2.error) as error:
+                failures[index] = str(error)
+            index = take()
+        return failures
+
+    started = [pool.submit(run) for _ in range(min(tasks, count))]
+    wait(started)
+    failures: dict[int, str] = {}
+    for task in started:
+        failures.update(task.result())
+    return dict(sorted(failures.items()))
+
+
 class OpenCVBackend:
-    """Plans executed with OpenCV on a pool of `threads` worker threads."""
+    """Plans executed with OpenCV on a pool of `threads` worker threads.
+
+    OpenCV's own thread pool is set to one thread (`cv2.setNumThreads(1)`, process-wide): the
+    worker threads are the parallelism. Inside each of them OpenCV would otherwise split every
+    warp over threads of its own, so more threads than cores contend for them, and threads
+    holding the GIL (the producers drawing plans) lose their core to them. Outputs do not
+    depend on it (OpenCV splits rows; each pixel is computed alike).
+    """
 
     name = "opencv"
 
     def __init__(self, threads: int | None = None) -> None:
         self.threads = threads or os.cpu_count() or 1
+        if cv2.getNumThreads() != 1:
+            log.info(
+                "OpenCV's own threads: %d -> 1 (the backend's %d worker threads run samples)",
+                cv2.getNumThreads(),
+                self.threads,
+            )
+            cv2.setNumThreads(1)
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="augserve-opencv")
 
     def augment(
         self, encoded: Sequence[bytes], plans: Sequence[SamplePlan], out: np.ndarray | None = None
     ) -> AugmentResult:
         images = output_array(plans, out)
-
-        def run(index: int) -> str | None:
-            try:
-                augment_into(encoded[index], plans[index], images[index])
-            except (DecodeError, cv2.error) as error:
-                return str(error)
-            return None
-
-        reasons = list(self._pool.map(run, range(len(plans))))
-        failures = {index: reason for index, reason in enumerate(reasons) if reason is not None}
+        count = len(plans)
+        failures = run_samples(
+            self._pool,
+            self.threads,
+            count,
+            lambda index: augment_into(encoded[index], plans[index], images[index]),
+        )
         if not failures:
-            return AugmentResult(images, list(range(len(plans))))
-        kept = [index for index in range(len(plans)) if index not in failures]
+            return AugmentResult(images, list(range(count)))
+        kept = [index for index in range(count) if index not in failures]
         return AugmentResult(compact(images, kept), kept, failures)
 
     def close(self) -> None:

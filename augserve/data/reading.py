@@ -120,7 +120,12 @@ def read_file(path: str, max_file_bytes: int) -> tuple[bytes, tuple[int, int, in
     `open_regular_file` allows; a file that grows past the limit while read is refused."""
     with open_regular_file(path, max_file_bytes) as handle:
         status = os.fstat(handle.fileno())
-        data = handle.read(max_file_bytes + 1)
+        # Ask for the size stat gave plus one byte: a read of the whole limit would allocate
+        # a limit-sized buffer per file. Only a file that grew since is read on to the limit.
+        wanted = min(status.st_size, max_file_bytes) + 1
+        data = handle.read(wanted)
+        if len(data) == wanted and wanted <= max_file_bytes:
+            data += handle.read(max_file_bytes + 1 - wanted)
     if len(data) > max_file_bytes:
         raise RefusedFileError(f"over the per-file limit of {max_file_bytes} bytes (it grew while read)")
     return data, (status.st_size, status.st_mtime_ns, status.st_dev, status.st_ino)
