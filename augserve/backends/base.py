@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 
+from augserve.core.errors import BackendError
 from augserve.core.plan import SamplePlan
 
 
@@ -37,6 +40,67 @@ class Backend(Protocol):
     ) -> AugmentResult: ...
 
     def close(self) -> None: ...
+
+
+# Batches a backend without a `concurrent_batches` of its own may run at once: 2 keeps a thread
+# pool busy while another producer is in Python.
+DEFAULT_CONCURRENT_BATCHES = 2
+
+
+# Batches a producer keeps in the works beyond the oldest one it has not published, for a
+# backend without a `read_ahead_batches` of its own (OpenCV: its thread pool already overlaps
+# two producers, scheduler concurrency 2).
+DEFAULT_READ_AHEAD_BATCHES = 0
+
+
+def concurrent_batches(backend: Backend) -> int:
+    """How many batches the server lets run on `backend` at once (its scheduler's turns)."""
+    return int(getattr(backend, "concurrent_batches", DEFAULT_CONCURRENT_BATCHES))
+
+
+def read_ahead_batches(backend: Backend) -> int:
+    """How many batches each producer reads and plans ahead for `backend`."""
+    return int(getattr(backend, "read_ahead_batches", DEFAULT_READ_AHEAD_BATCHES))
+
+
+HealthListener = Callable[["BackendError | None"], None]
+
+
+class BackendHealth:
+    """Whether a backend works, as its latest batches showed: `failure` is the BackendError of
+    the latest failed batch, None once a batch succeeds again. Listeners hear every change
+    (on the thread that ran the batch)."""
+
+    def __init__(self) -> None:
+        self.failure: BackendError | None = None
+        self._listeners: list[HealthListener] = []
+        self._lock = threading.Lock()
+
+    def watch(self, listener: HealthListener) -> None:
+        with self._lock:
+            self._listeners.append(listener)
+
+    def failed(self, error: BackendError) -> None:
+        self._change(error)
+
+    def recovered(self) -> None:
+        if self.failure is not None:
+            self._change(None)
+
+    def _change(self, failure: BackendError | None) -> None:
+        with self._lock:
+            changed = (failure is None) != (self.failure is None)
+            self.failure = failure
+            listeners = list(self._listeners) if changed else []
+        for listener in listeners:
+            listener(failure)
+
+
+def backend_health(backend: Backend) -> BackendHealth:
+    """The backend's health record; a backend that keeps none (OpenCV: it fails only on
+    images) gets one that stays healthy."""
+    health = getattr(backend, "health", None)
+    return health if isinstance(health, BackendHealth) else BackendHealth()
 
 
 def compact(images: np.ndarray, kept: list[int]) -> np.ndarray:

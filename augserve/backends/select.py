@@ -1,12 +1,13 @@
-"""Choosing a backend: `auto | dali | opencv`, made explicit and logged."""
+"""Choosing a backend: `auto | dali | dali-cpu | opencv`, made explicit and logged."""
 
 from __future__ import annotations
 
 import logging
 
 from augserve.backends.base import Backend
-from augserve.backends.dali import DaliBackend, dali_available, gpu_count
+from augserve.backends.dali import DaliBackend, dali_available, gpu_count, import_dali
 from augserve.backends.opencv import OpenCVBackend
+from augserve.core.errors import BackendError
 
 log = logging.getLogger(__name__)
 
@@ -16,29 +17,50 @@ BACKEND_CHOICES = ("auto", "dali", "dali-cpu", "opencv")
 def create_backend(choice: str = "auto", threads: int | None = None, device_id: int = 0) -> Backend:
     """Create the backend named by `choice`.
 
-    auto: DALI on GPU `device_id` when DALI imports and a GPU is visible, else OpenCV.
-    dali: DALI on the GPU (an error without one). dali-cpu: DALI with `device_id=None`.
-    opencv: the OpenCV backend. `threads` defaults to every core.
+    auto: DALI on GPU `device_id` when DALI imports, a GPU is visible and a DALI pipeline
+    builds and reproduces a known-good picture there; else OpenCV, with the reason logged.
+    dali: DALI on the GPU; dali-cpu: DALI with `device_id=None` (both a BackendError where
+    DALI or the GPU is missing). opencv: the OpenCV backend. `threads` defaults to every core
+    (OpenCV) or 2 per pipeline (DALI).
     """
     if choice not in BACKEND_CHOICES:
         raise ValueError(f"backend: expected one of {list(BACKEND_CHOICES)}, got {choice!r}")
     if choice == "auto":
-        has_dali = dali_available()
-        gpus = gpu_count() if has_dali else 0
-        if has_dali and gpus > 0:
-            choice = "dali"
-            reason = f"DALI imports and {gpus} GPU(s) are visible"
-        else:
-            choice = "opencv"
-            reason = "DALI is not installed" if not has_dali else "no GPU is visible"
-        log.info("backend auto: chose %s (%s)", choice, reason)
-    if choice == "opencv":
-        backend: Backend = OpenCVBackend(threads)
+        backend = _auto(threads, device_id)
+    elif choice == "opencv":
+        backend = OpenCVBackend(threads)
     else:
-        if not dali_available():
-            raise RuntimeError("backend: DALI is not installed (pip install 'augserve[dali]')")
+        import_dali()  # a BackendError naming the import error
         if choice == "dali" and gpu_count() == 0:
-            raise RuntimeError("backend: 'dali' needs a GPU; use 'dali-cpu' or 'opencv' here")
+            raise BackendError(
+                "no GPU",
+                "backend 'dali' needs a GPU that DALI can see; use 'dali-cpu' or 'opencv' here",
+            )
         backend = DaliBackend(None if choice == "dali-cpu" else device_id, threads or 2)
     log.info("backend: %s with %s threads", backend.name, threads or "default")
     return backend
+
+
+def _auto(threads: int | None, device_id: int) -> Backend:
+    if not dali_available():
+        return _fall_back(threads, "DALI is not installed", logging.INFO)
+    gpus = gpu_count()
+    if gpus == 0:
+        return _fall_back(threads, "no GPU is visible", logging.INFO)
+    backend = DaliBackend(device_id, threads or 2)
+    try:
+        backend.self_test()
+    except BackendError as error:
+        backend.close()
+        return _fall_back(threads, f"DALI failed on GPU {device_id}: {error}", logging.WARNING)
+    log.info(
+        "backend auto: chose dali (DALI imports, %d GPU(s) are visible, a pipeline runs on GPU %d)",
+        gpus,
+        device_id,
+    )
+    return backend
+
+
+def _fall_back(threads: int | None, reason: str, level: int) -> Backend:
+    log.log(level, "backend auto: chose opencv (%s)", reason)
+    return OpenCVBackend(threads)

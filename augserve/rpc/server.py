@@ -20,7 +20,7 @@ from grpc_reflection.v1alpha import reflection
 import augserve
 from augserve._proto.augserve.v1 import augserve_pb2_grpc as pb_grpc
 from augserve.backends import create_backend
-from augserve.backends.base import Backend
+from augserve.backends.base import Backend, backend_health, concurrent_batches
 from augserve.core.errors import SpecError
 from augserve.data.datasets import Dataset, load_manifest
 from augserve.data.reading import DEFAULT_MAX_FILE_BYTES
@@ -94,8 +94,7 @@ class AugserveServer:
             for name, entry in config.datasets.items()
         }
         self.backend = backend or create_backend(config.backend, config.threads)
-        concurrency = 2 if self.backend.name == "opencv" else 1
-        self.manager = SessionManager(self.backend, datasets, config.limits, FairScheduler(concurrency))
+        self.manager = SessionManager(self.backend, datasets, config.limits, FairScheduler(concurrent_batches(self.backend)))
         message_bytes = config.limits.max_message_bytes
         self.tokens = load_tokens(config.token_file)
         self.grpc_server = grpc.server(
@@ -114,6 +113,8 @@ class AugserveServer:
         pb_grpc.add_AugmentServicer_to_server(self.servicer, self.grpc_server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
+        self._started = False
+        backend_health(self.backend).watch(self._backend_health_changed)
         # The pool of augserve/rpc/schema.py: method symbols resolve and the proto's comments travel.
         reflected = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(reflected, self.grpc_server, pool=reflection_pool(reflected))
@@ -140,8 +141,8 @@ class AugserveServer:
             host = MetricsEndpoint.bind_host(self.config.metrics_host, self.config.host, self.tokens)
             self.metrics = MetricsEndpoint(self.manager, self.device, host, self.config.metrics_port, self.tokens)
             log.info("Prometheus metrics on http://%s:%d/metrics", host, self.metrics.port)
-        for service in ("", SERVICE_NAME):
-            self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        self._started = True
+        self._backend_health_changed(backend_health(self.backend).failure)
         log.info(
             "augserve %s serving %s on %s with backend %s (%s)",
             augserve.__version__, ", ".join(sorted(self.manager.datasets)) or "no datasets", self.address,
@@ -156,6 +157,17 @@ class AugserveServer:
                 "read every dataset served. Use --tls-cert/--tls-key and --token-file. !!!", self.config.host
             )
         return self
+
+    def _backend_health_changed(self, failure: Exception | None) -> None:
+        """Health follows the backend: NOT_SERVING while its latest batch failed on its own
+        (DALI missing, a pipeline build, CUDA, memory), SERVING once a batch succeeds."""
+        if not self._started:
+            return
+        if failure is not None:
+            log.error("health NOT_SERVING: %s", failure)
+        status = health_pb2.HealthCheckResponse.SERVING if failure is None else health_pb2.HealthCheckResponse.NOT_SERVING
+        for service in ("", SERVICE_NAME):
+            self.health.set(service, status)
 
     def stop(self, grace: float | None = None) -> None:
         if self._stopped.is_set():
