@@ -44,6 +44,7 @@ COMPOSE = ROOT / "deploy" / "compose.yaml"
 KUBERNETES = ROOT / "deploy" / "kubernetes"
 KUSTOMIZATION = KUBERNETES / "kustomization.yaml"
 TRAINER_JOB = KUBERNETES / "trainer-job.yaml"
+SWEEP_JOB = KUBERNETES / "sweep-job.yaml"
 MANIFESTS = sorted(path for path in KUBERNETES.glob("*.yaml") if path != KUSTOMIZATION)
 # The oldest Kubernetes the manifests are for (gRPC probes are GA since 1.27, the h2c
 # appProtocol since 1.29), and the newest schema kubernetes-validate bundles.
@@ -244,10 +245,24 @@ def test_dockerfile_final_stages_run_a_copied_venv_as_non_root() -> None:
         assert not of_stage(instructions, stage, "RUN"), f"stage {stage} should install nothing itself"
 
 
+def stages_behind(instructions: list[Instruction], stage: str) -> set[str]:
+    """The stages whose files end up in `stage`: those it copies from, and their FROM chains."""
+    parents = {item.stage: item.value.split()[0] for item in instructions if item.keyword == "FROM"}
+    found: set[str] = set()
+    pending = [item.value.split()[0].removeprefix("--from=") for item in of_stage(instructions, stage, "COPY")
+               if item.value.startswith("--from=")]
+    while pending:
+        name = pending.pop()
+        if name in parents and name not in found:
+            found.add(name)
+            pending.append(parents[name])
+    return found
+
+
 def test_dockerfile_installs_extras_that_exist() -> None:
-    """The venv copied into each final stage is the project with extras of pyproject.toml:
-    the server extra, DALI and no torch for the server; torch and neither DALI nor the server
-    extra for the trainer."""
+    """The venv and project copied into each final stage are the project with extras of
+    pyproject.toml: the server extra, DALI and no torch for the server; torch and neither DALI
+    nor the server extra for the trainer."""
     instructions = read_dockerfile()
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
     defined = set(pyproject["project"]["optional-dependencies"])
@@ -259,17 +274,31 @@ def test_dockerfile_installs_extras_that_exist() -> None:
     for stage, extras in installs.items():
         assert extras <= defined, f"stage {stage} installs extras {sorted(extras - defined)}; pyproject.toml has {sorted(defined)}"
 
-    def builder_of(stage: str) -> str:
-        sources = {item.value.split()[0].removeprefix("--from=") for item in of_stage(instructions, stage, "COPY")}
-        return one(sources, f"builder stage of {stage}")
+    def extras_behind(stage: str) -> set[str]:
+        return set().union(*(installs.get(name, set()) for name in stages_behind(instructions, stage)))
 
-    server_builder, trainer_builder = builder_of("server"), builder_of("trainer")
-    assert {"server", "dali"} <= installs.get(server_builder, set()), f"{server_builder} should install ./[server,dali]"
-    assert "train" in installs.get(trainer_builder, set()), f"{trainer_builder} should install ./[train]"
-    server_runs = " ".join(item.value for item in of_stage(instructions, server_builder, "RUN"))
-    assert "torch" not in server_runs and "train" not in installs[server_builder], "the server needs no torch"
-    assert "dali" not in installs[trainer_builder], "the trainer needs no DALI"
-    assert "server" not in installs[trainer_builder], "the trainer is a client: no OpenCV or PIL"
+    def runs_behind(stage: str) -> str:
+        return " ".join(item.value for name in stages_behind(instructions, stage)
+                        for item in of_stage(instructions, name, "RUN"))
+
+    server, trainer = extras_behind("server"), extras_behind("trainer")
+    assert {"server", "dali"} <= server, "the server's stages should install ./[server,dali]"
+    assert "train" in trainer, "the trainer's stages should install ./[train]"
+    assert "torch" not in runs_behind("server") and "train" not in server, "the server needs no torch"
+    assert "dali" not in trainer, "the trainer needs no DALI"
+    assert "server" not in trainer, "the trainer is a client: no OpenCV or PIL"
+    for stage in ("server", "trainer"):
+        assert "pip install --no-deps --target /opt/augserve ." in runs_behind(stage), (
+            f"stage {stage}: the project in a layer of its own")
+
+
+def test_dependency_layers_do_not_see_the_sources() -> None:
+    """A stage that installs dependencies copies pyproject.toml only: a change to the sources
+    or the README must not rebuild (and re-ship) the big layer."""
+    instructions = read_dockerfile()
+    for stage in ("server-dependencies", "trainer-dependencies"):
+        copies = [item.value.split()[:-1] for item in of_stage(instructions, stage, "COPY")]
+        assert copies == [["pyproject.toml"]], f"stage {stage} copies {copies}"
 
 
 def test_dockerignore_keeps_what_the_build_copies() -> None:
@@ -351,7 +380,9 @@ def test_kustomization_lists_the_server_side() -> None:
     kustomization = yaml.safe_load(KUSTOMIZATION.read_text(encoding="utf-8"))
     assert kustomization["kind"] == "Kustomization" and "namespace" not in kustomization
     listed = set(kustomization["resources"])
-    assert listed == {path.name for path in MANIFESTS} - {TRAINER_JOB.name}, "every manifest but the one-off Job"
+    jobs = {path.name for path in MANIFESTS if any(item["kind"] == "Job" for item in documents_of(path))}
+    assert jobs >= {TRAINER_JOB.name, SWEEP_JOB.name}
+    assert listed == {path.name for path in MANIFESTS} - jobs, "every manifest but the one-off Jobs"
     assert "augserve" in {item["name"] for item in kustomization.get("images", [])}
 
 
@@ -420,6 +451,59 @@ def test_kubernetes_trainer_job_uses_the_service() -> None:
     assert_valid_trainer_arguments(arguments)
 
 
+SHM = "/dev/shm"
+
+
+def test_kubernetes_sweep_pod_shares_dev_shm_between_server_and_trainers() -> None:
+    """sweep-job.yaml: the server as a native sidecar and two trainers in one pod, one
+    memory-backed volume at /dev/shm in each, one user for all (the images' USER), the trainers
+    on the pod's loopback with the same data flags, grouped."""
+    objects = kubernetes_objects()
+    job = objects[("Job", "augserve-sweep-example")]
+    pod = job["spec"]["template"]["spec"]
+    server = one(pod["initContainers"], "server sidecar")
+    trainers = pod["containers"]
+    assert server["restartPolicy"] == "Always", "a native sidecar: stopped when the trainers are done"
+    assert len(trainers) == 2
+    instructions = read_dockerfile()
+    assert pod["securityContext"]["runAsUser"] == user_id(instructions, "server") == user_id(instructions, "trainer")
+    assert not any("runAsUser" in item.get("securityContext", {}) for item in [server, *trainers]), "one user for all"
+
+    volumes = {item["name"]: item for item in pod["volumes"]}
+    shm_volumes = set()
+    for container in (server, *trainers):
+        mount = one((item for item in container["volumeMounts"] if item["mountPath"] == SHM), f"{container['name']}: {SHM}")
+        shm_volumes.add(mount["name"])
+        assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    shm = volumes[one(shm_volumes, "volume at /dev/shm")]
+    assert shm["emptyDir"]["medium"] == "Memory" and shm["emptyDir"].get("sizeLimit"), shm
+
+    env = {item["name"]: item.get("value") for item in server["env"]}
+    port = int(env.get("AUGSERVE_PORT", grpc_port()))
+    assert env["AUGSERVE_HOST"] == "127.0.0.1", "the pod's loopback only"
+    probe = server["startupProbe"]["exec"]["command"]
+    assert probe == one(of_stage(instructions, "server", "HEALTHCHECK"), "HEALTHCHECK").exec_form(), (
+        "the sidecar's startup probe is the image's health check (kubelet cannot reach loopback)")
+    config_path = Path(env["AUGSERVE_CONFIG"])
+    assert any(item["mountPath"] == str(config_path.parent) for item in server["volumeMounts"])
+    _, server_config = server_config_of(objects)
+
+    data_flags = ("--endpoint", "--dataset", "--image-size", "--batch-size", "--seed", "--epochs",
+                  "--rotation-range", "--width-shift-range", "--horizontal-flip", "--set")
+    streams = []
+    for trainer in trainers:
+        arguments = trainer["args"]
+        assert flag_value(arguments, "--endpoint") == f"127.0.0.1:{port}"
+        assert flag_value(arguments, "--dataset") in server_config["datasets"]
+        assert flag_value(arguments, "--set") == "data.group_size=2"
+        output = TRAINER_WORKDIR / flag_value(arguments, "--output")
+        assert any(output.is_relative_to(item["mountPath"]) for item in trainer["volumeMounts"]), "outputs on a volume"
+        streams.append([arguments[arguments.index(flag): arguments.index(flag) + 2] for flag in data_flags if flag in arguments])
+        assert_valid_trainer_arguments(arguments)
+    assert streams[0] == streams[1], "the same stream for both trainers"
+    assert len({flag_value(trainer["args"], "--output") for trainer in trainers}) == 2
+
+
 # --- Compose ----------------------------------------------------------------------------------
 
 
@@ -447,8 +531,15 @@ def test_compose_runs_a_server_and_two_trainers_on_one_stream() -> None:
     cache_volume = one((item.split(":")[0] for item in server["volumes"] if item.split(":")[1] == cache), "cache volume")
     assert cache_volume in data["volumes"], "the dataset cache is a named volume"
 
+    # One /dev/shm for all three (the server's IPC namespace), read-only roots.
+    assert server["ipc"] == "shareable" and server.get("shm_size"), "trainers may join the server's IPC namespace"
+    assert server["read_only"] is True
+
     trainers = compose_trainers(data)
     assert len(trainers) == 2, sorted(data["services"])
+    for name, trainer in trainers.items():
+        assert trainer["ipc"] == "service:server", f"{name}: the server's /dev/shm, for shared memory"
+        assert trainer["read_only"] is True, name
     data_flags = ("--endpoint", "--dataset", "--batch-size", "--seed", "--epochs", "--rotation-range",
                   "--width-shift-range", "--horizontal-flip", "--set")
     streams = []

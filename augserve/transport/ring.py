@@ -2,9 +2,18 @@
 
 A producer writes each batch once into a slot. In-band sessions copy it into a message; shared
 memory sessions send only the slot index, and the client maps the same file. Shared-memory
-files live in /dev/shm, are private to the user, are named `augserve-<uid>-<pid>-<n>` so that a
-later server can remove a dead one's leftovers, and are unlinked on every exit path of the
-producer that made them.
+files live in /dev/shm, are private to the user, are named `augserve-<uid>-<pid>-<n>` (the pid
+in the creator's own PID namespace: which process made it, for people and tests), and are
+unlinked on every exit path of the producer that made them.
+
+A server holds a shared `flock` on each of its segments for as long as it has the segment
+open, and a later server removes only segments that nobody holds so: those of servers that
+died. The lock, not the pid in the name, says whether a segment is live, because /dev/shm is
+shared across PID namespaces (containers that share an IPC namespace or a /dev/shm volume, a
+Kubernetes pod's memory-backed volume): there a pid names another process, or none, and a
+server that asked about it would remove a live segment of a server in another container, or
+keep a dead one's forever (a restarted container's server is pid 1 again). flock locks belong
+to the file, the same in every namespace, and the kernel drops them when their holder dies.
 
 /dev/shm is shared with every local user and is often small (Docker gives a container 64 MiB),
 so everything here assumes a hostile or full directory:
@@ -16,11 +25,18 @@ so everything here assumes a hostile or full directory:
   `RingDamaged`, not a store into pages that no longer exist;
 - the start-up sweep and the probe look only at regular files of this user (lstat, O_NOFOLLOW,
   O_NONBLOCK), so planted directories, FIFOs, symlinks and other users' files are skipped.
+
+The same-host proof: a client writes a probe file holding a random nonce into its /dev/shm and
+sends its name and the nonce; the server reads it from its own /dev/shm. It matches where both
+see the same /dev/shm (the same host, or containers sharing an IPC namespace or a /dev/shm
+volume) and run as the same uid (the images' 10001), the uid a client needs to map the 0400
+segments anyway.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import hmac
 import itertools
 import logging
@@ -100,16 +116,6 @@ def our_segments() -> list[Path]:
     return [path for path in SHM_DIR.iterdir() if path.name.startswith(prefix) and SEGMENT_PATTERN.match(path.name)]
 
 
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _removable(path: Path, warn: bool, older_than: float | None = None) -> bool:
     """Whether the sweep may unlink `path`: a regular file (never followed through a link) of
     this user, more than `older_than` seconds old. With `warn` (the name says it is this
@@ -144,8 +150,47 @@ def _unlink(path: Path) -> bool:
     return True
 
 
+def _held_by_a_live_server(fd: int) -> bool:
+    """Whether a server holds its lock on the segment open at `fd` (in any PID namespace)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return True  # a filesystem without flock: nothing tells a dead server's segment apart
+    return False
+
+
+def _remove_if_dead(path: Path) -> bool:
+    """Unlink the segment `path` if no server holds its lock. The exclusive lock is kept until
+    the name is gone: a server that creates this name meanwhile waits for it, then sees its
+    file unlinked and makes another (`_create_segment`)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    except OSError as error:
+        log.warning("shared-memory sweep: cannot open %s (%s); skipped", path, error.strerror or error)
+        return False
+    try:
+        opened = os.fstat(fd)
+        if not stat.S_ISREG(opened.st_mode) or opened.st_uid != os.geteuid():
+            return False  # replaced between lstat and open
+        if _held_by_a_live_server(fd):
+            return False
+        try:
+            named = path.lstat()
+        except FileNotFoundError:
+            return False
+        if (named.st_dev, named.st_ino) != (opened.st_dev, opened.st_ino):
+            return False  # the name now holds another file
+        return _unlink(path)
+    finally:
+        os.close(fd)
+
+
 def remove_stale_segments() -> int:
-    """Unlink segments left by this user's augserve processes that no longer run, and probe
+    """Unlink segments of this user that no live server holds (their servers died), and probe
     files older than a minute (a client killed between writing and removing its probe).
 
     Any local user can put names into /dev/shm, so this never raises: what it cannot stat or
@@ -163,10 +208,10 @@ def remove_stale_segments() -> int:
         segment = SEGMENT_PATTERN.match(name)
         if segment is not None and segment.group(1) == uid:
             pid = int(segment.group(2))
-            if not 0 < pid <= PID_MAX:  # os.kill would overflow, or ask about every process
+            if not 0 < pid <= PID_MAX:  # no augserve process wrote this name
                 log.warning("shared-memory sweep: %s names no possible process; skipped", path)
-            elif not _process_alive(pid) and _removable(path, warn=True):
-                removed += _unlink(path)
+            elif _removable(path, warn=True):
+                removed += _remove_if_dead(path)
         elif PROBE_PATTERN.match(name) and _removable(path, warn=False, older_than=PROBE_MAX_AGE_SECONDS):
             removed += _unlink(path)
     if removed:
@@ -190,11 +235,33 @@ def _reserve(fd: int, size: int) -> None:
         offset += os.pwrite(fd, zeros[: size - offset], offset)
 
 
+def _open_locked_segment() -> tuple[str, int]:
+    """A new, empty /dev/shm file under a fresh name, held with this server's shared lock."""
+    while True:
+        name = segment_name()
+        path = SHM_DIR / name
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        # Until the lock is held another server's sweep may take the name for a dead server's
+        # and unlink it (holding its own lock while it does): then start again.
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        except OSError:
+            return name, fd  # a filesystem without flock: no sweep removes anything there
+        try:
+            named = path.lstat()
+        except FileNotFoundError:
+            named = None
+        opened = os.fstat(fd)
+        if named is not None and (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino):
+            return name, fd
+        os.close(fd)
+
+
 def _create_segment(size: int) -> tuple[str, int, mmap.mmap]:
-    """A new /dev/shm file of `size` reserved bytes: (name, read-write fd, shared mapping)."""
-    name = segment_name()
+    """A new /dev/shm file of `size` reserved bytes: (name, read-write fd, shared mapping).
+    The fd holds the lock that marks the segment live until it is closed."""
+    name, fd = _open_locked_segment()
     path = SHM_DIR / name
-    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         os.ftruncate(fd, size)
         _reserve(fd, size)
@@ -250,7 +317,8 @@ class SlotRing:
         return self.view(slot, shape)
 
     def close(self) -> None:
-        """Unlink the shared-memory file (clients that mapped it keep their mapping)."""
+        """Unlink the shared-memory file (clients that mapped it keep their mapping), then
+        drop its lock with the fd."""
         if self.name is not None:
             (SHM_DIR / self.name).unlink(missing_ok=True)
             self.name = None
