@@ -15,6 +15,7 @@ import struct
 import subprocess
 import sys
 import threading
+import urllib.request
 import zlib
 from collections import deque
 from collections.abc import Callable
@@ -25,6 +26,7 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from augserve.backends import dali
 from augserve.backends.batch import augment_batch
@@ -181,7 +183,8 @@ def dali_server(root: Path, backend: DaliBackend | None = None, **limits):
     def started():
         server = create_server(
             ServerConfig(
-                backend="dali-cpu", threads=2, datasets={"shapes": DatasetConfig(str(root))}
+                backend="dali-cpu", threads=2, datasets={"shapes": DatasetConfig(str(root))},
+                metrics_port=0,
             ),
             backend,
         )
@@ -573,6 +576,18 @@ def test_auto_falls_back_to_opencv_with_the_reason_logged(monkeypatch, caplog):
 # --- the pipeline cache ----------------------------------------------------------------------
 
 
+def scrape_metrics(port: int) -> dict[str, float]:
+    """The server's Prometheus samples by name (unlabelled ones only)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if not sample.labels
+    }
+
+
 def test_the_pipeline_cache_is_bounded_and_evicts_the_least_recently_used(
     dataset_root, reference, caplog
 ):
@@ -588,7 +603,12 @@ def test_the_pipeline_cache_is_bounded_and_evicts_the_least_recently_used(
             control_stream(server.address, spec, reference)
             stats = backend.cache_stats()
             counts.append((stats.pipelines, stats.builds, stats.evictions))
+        metrics = scrape_metrics(server.metrics.port)
     assert counts == [(1, 1, 0), (2, 2, 0), (2, 3, 1), (2, 4, 2)], counts
+    assert metrics["augserve_pipeline_evictions_total"] == 2, metrics
+    assert metrics["augserve_pipeline_builds_total"] == 4
+    assert metrics["augserve_pipeline_pipelines"] == 2 and metrics["augserve_pipeline_max_pipelines"] == 2
+    assert "augserve_pipeline_device_bytes" not in metrics  # not measured on the CPU
     assert caplog.text.count("DALI pipeline cache: evicted the linear, fill constant") == 2, (
         caplog.text
     )

@@ -116,6 +116,8 @@ class ManagerCollector(Collector):
             members.add_metric([producer_id, dataset], count)
         yield members
 
+        yield from pipeline_cache_metrics(manager.backend)
+
         cumulative, running = [], 0
         for bound, count in zip((*map(str, PRODUCTION_BUCKETS), "+Inf"), bucket_counts):
             running += count
@@ -123,6 +125,39 @@ class ManagerCollector(Collector):
         histogram = HistogramMetricFamily("augserve_production_seconds", "Seconds to produce a batch (turn at the backend included)")
         histogram.add_metric([], cumulative, sum_value=production_sum)
         yield histogram
+
+
+# The pipeline cache's counters and gauges, for a backend that keeps one (DALI's `cache_stats()`).
+PIPELINE_COUNTERS = (
+    ("builds", "Pipelines built"),
+    ("build_failures", "Pipeline builds that failed"),
+    ("evictions", "Idle pipelines evicted from the cache (count or device memory bound)"),
+    ("hits", "Batches that found a built pipeline of their shape"),
+    ("misses", "Batches that had to build a pipeline"),
+    ("backend_failures", "Batches that failed in the backend itself (not a bad image)"),
+)
+PIPELINE_GAUGES = (
+    ("pipelines", "Pipelines cached now"),
+    ("busy", "Cached pipelines with batches in flight"),
+    ("max_pipelines", "Most pipelines the cache holds"),
+    ("device_bytes", "Device memory the cached pipelines took when built"),
+    ("max_device_bytes", "Device memory budget of the pipeline cache"),
+)
+
+
+def pipeline_cache_metrics(backend: object) -> Iterator[Metric]:
+    """augserve_pipeline_* families from the backend's `cache_stats()`; nothing for a backend
+    without a pipeline cache (OpenCV). Gauges the backend cannot measure are left out."""
+    cache_stats = getattr(backend, "cache_stats", None)
+    if cache_stats is None:
+        return
+    stats = cache_stats()
+    for name, help_text in PIPELINE_COUNTERS:
+        yield CounterMetricFamily(f"augserve_pipeline_{name}", help_text, value=getattr(stats, name))
+    for name, help_text in PIPELINE_GAUGES:
+        value = getattr(stats, name)
+        if value is not None:
+            yield GaugeMetricFamily(f"augserve_pipeline_{name}", help_text, value=value)
 
 
 def bearer_token_admitted(authorization: str | None, tokens: tuple[bytes, ...]) -> bool:
