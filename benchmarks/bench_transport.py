@@ -78,9 +78,9 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -179,6 +179,8 @@ VERSIONED_PACKAGES = (
     "grpcio",
     "protobuf",
     "scikit-image",
+    "zstandard",
+    "lz4",
 )
 
 
@@ -280,7 +282,9 @@ class Cell(RoundsSummary):
             "consumers": self.consumers,
             "way": self.way,
             "link_rate": (
-                compression_parts(self.way)[1] if self.suite == COMPRESSION else link_rate_of(self.way)
+                compression_parts(self.way)[1]
+                if self.suite == COMPRESSION
+                else link_rate_of(self.way)
             ),
             "compression": compression_parts(self.way)[0] if self.suite == COMPRESSION else "none",
             "images_per_second": self.images_per_second,
@@ -293,6 +297,71 @@ class Cell(RoundsSummary):
             "steal_cores": self.steal_cores,
             "rounds": [item.to_json() for item in self.rounds],
         }
+
+
+@dataclass(frozen=True)
+class EncodeReading:
+    """What the server's chunk encoders did, cumulative or over a round: pixel bytes given,
+    bytes sent for them (raw where a chunk did not shrink), CPU seconds spent encoding."""
+
+    raw_bytes: int = 0
+    sent_bytes: int = 0
+    cpu_seconds: float = 0.0
+
+    def __add__(self, other: EncodeReading) -> EncodeReading:
+        return EncodeReading(
+            self.raw_bytes + other.raw_bytes,
+            self.sent_bytes + other.sent_bytes,
+            self.cpu_seconds + other.cpu_seconds,
+        )
+
+    def __sub__(self, other: EncodeReading) -> EncodeReading:
+        return EncodeReading(
+            self.raw_bytes - other.raw_bytes,
+            self.sent_bytes - other.sent_bytes,
+            self.cpu_seconds - other.cpu_seconds,
+        )
+
+    @property
+    def ratio(self) -> float:
+        """Pixel bytes over bytes sent (1.0 where nothing was encoded)."""
+        return self.raw_bytes / self.sent_bytes if self.sent_bytes else 1.0
+
+    def ms_per_image(self, image_bytes: int) -> float:
+        return 1e3 * self.cpu_seconds * image_bytes / self.raw_bytes if self.raw_bytes else 0.0
+
+
+class EncodeMeter:
+    """Counts, for as long as it is entered, every `ChunkEncoder.encode` of this process (the
+    in-process server's sending threads): it wraps the method and restores it on the way out.
+    CPU is `time.thread_time` of the calling thread around the call."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._total = EncodeReading()
+        self._original = ChunkEncoder.encode
+
+    def reading(self) -> EncodeReading:
+        with self._lock:
+            return self._total
+
+    def __enter__(self) -> EncodeMeter:
+        original = self._original
+
+        def encode(encoder: ChunkEncoder, pixels: memoryview) -> bytes | None:
+            started = time.thread_time()
+            encoded = original(encoder, pixels)
+            spent = time.thread_time() - started
+            sent = len(pixels) if encoded is None else len(encoded)
+            with self._lock:
+                self._total += EncodeReading(len(pixels), sent, spent)
+            return encoded
+
+        ChunkEncoder.encode = encode  # type: ignore[method-assign]
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        ChunkEncoder.encode = self._original  # type: ignore[method-assign]
 
 
 class Bench:
@@ -316,6 +385,9 @@ class Bench:
         self.bare_pool = ThreadPoolExecutor(self.threads, thread_name_prefix="bench-bare")
         # One for the run, as the server's producers share theirs.
         self.headers = HeaderCache()
+        self.encode_meter = EncodeMeter()
+        # The compression suite's encoder readings, per way, one per round.
+        self.encoding: dict[str, list[EncodeReading]] = {}
         self.link_address: str | None = None
         if link is None:
             self.server: AugserveServer = start_server(dataset_path)
@@ -355,6 +427,8 @@ class Bench:
                 for index, seed in enumerate(seeds)
             ]
             return run_round(handles, seconds)
+        if suite == COMPRESSION:
+            return self._measure_compression(spec, batch_size, seeds, seconds, way)
         rate = link_rate_of(way)
         if rate is None:
             address, transport, connections = self.server.address, way, self.clients.connections
@@ -373,6 +447,31 @@ class Bench:
             for index, seed in enumerate(seeds)
         ]
         return run_round(handles, seconds)
+
+    def _measure_compression(
+        self, spec: dict, batch_size: int, seeds: list[int], seconds: float, way: str
+    ) -> Round:
+        """One round of a compression way: in-band with its codec, over loopback or the link;
+        the encoders' work in the round goes to `encoding`."""
+        codec, rate = compression_parts(way)
+        if rate is None:
+            address, connections = self.server.address, self.clients.connections
+        else:
+            if self.link is None or self.link_clients is None or self.link_address is None:
+                raise RuntimeError(f"{way}: this run has no shaped link")
+            self.link.shape(rate)
+            address, connections = self.link_address, self.link_clients.connections
+        before = self.encode_meter.reading()
+        handles = [
+            ProcessConsumer(
+                connections[index],
+                StreamJob(address, DATASET_NAME, spec, batch_size, seed, INBAND, compression=codec),
+            )
+            for index, seed in enumerate(seeds)
+        ]
+        measured = run_round(handles, seconds)
+        self.encoding.setdefault(way, []).append(self.encode_meter.reading() - before)
+        return measured
 
 
 Row = tuple[str, int, int, int, tuple[str, ...]]  # suite, side, batch size, consumers, ways
@@ -394,6 +493,11 @@ def rows_of(config: BenchConfig, has_link: bool) -> list[Row]:
         rows += [
             (PRODUCER, side, batch_size, consumers, PRODUCER_WAYS) for consumers in CONSUMER_COUNTS
         ]
+    if COMPRESSION in config.suites:
+        side, batch_size = COMPRESSION_SHAPE
+        for rate in (None, *(COMPRESSION_LINK_RATES if has_link else ())):
+            ways = tuple(compression_way(codec, rate) for codec in CODEC_CHOICES)
+            rows.append((COMPRESSION, side, batch_size, 1, ways))
     return rows
 
 
@@ -415,6 +519,139 @@ def run_benchmark(config: BenchConfig, bench: Bench, gate: QuietGate) -> list[Ce
             )
             cells.append(cell)
     return cells
+
+
+# --- the codecs alone ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CodecMicro:
+    """One (codec, level) on one thread: `raw_bytes` of augmented pixels in `images` images,
+    `sent_bytes` once encoded (raw chunks that did not shrink count as they are), and the least
+    CPU seconds of MICRO_PASSES passes encoding all of them and decoding all of them."""
+
+    codec: str
+    level: int
+    images: int
+    raw_bytes: int
+    sent_bytes: int
+    encode_seconds: float
+    decode_seconds: float
+
+    @property
+    def ratio(self) -> float:
+        return self.raw_bytes / self.sent_bytes
+
+    def megabytes_per_second(self, seconds: float) -> float:
+        return self.raw_bytes / seconds / 1e6 if seconds > 0 else float("inf")
+
+    def ms_per_image(self, seconds: float) -> float:
+        return 1e3 * seconds / self.images
+
+    def to_json(self) -> dict:
+        return {
+            **asdict(self),
+            "ratio": self.ratio,
+            "encode_megabytes_per_second": self.megabytes_per_second(self.encode_seconds),
+            "decode_megabytes_per_second": self.megabytes_per_second(self.decode_seconds),
+            "encode_ms_per_image": self.ms_per_image(self.encode_seconds),
+            "decode_ms_per_image": self.ms_per_image(self.decode_seconds),
+        }
+
+
+MICRO_PASSES = 3
+
+
+def _least_cpu(work: Callable[[], object]) -> float:
+    """The least `time.thread_time` seconds of MICRO_PASSES runs of `work`."""
+    spent = []
+    for _ in range(MICRO_PASSES):
+        started = time.thread_time()
+        work()
+        spent.append(time.thread_time() - started)
+    return min(spent)
+
+
+def _codec_functions(
+    codec: str, level: int
+) -> tuple[Callable[[np.ndarray], bytes | None], Callable[[bytes, memoryview], None]]:
+    """(encode one chunk, decode one frame into a view) as the server and the client do it;
+    "none": the server's copy into a message and the client's copy out of it."""
+    if codec == "none":
+
+        def copy_into(frame: bytes, out: memoryview) -> None:
+            out[:] = frame
+
+        return (lambda chunk: chunk.tobytes()), copy_into
+    encoder = ChunkEncoder(Compression(codec, level))
+    decoder = ChunkDecoder()
+
+    def decode_into(frame: bytes, out: memoryview) -> None:
+        decoder.decode_into(encoder.wire, frame, out)
+
+    return (lambda chunk: encoder.encode(memoryview(chunk))), decode_into
+
+
+def codec_micro(bench: Bench, levels: Sequence[tuple[str, int]] = MICRO_LEVELS) -> list[CodecMicro]:
+    """MICRO_BATCHES batches of the compression suite's outputs (made in process, as the server
+    makes them), cut into chunks of DEFAULT_CHUNK_BYTES as the server cuts them, encoded with
+    `ChunkEncoder` and decoded into place with `ChunkDecoder` for each of `levels`; every
+    decoded chunk is checked against its pixels (outside the timing)."""
+    side, batch_size = COMPRESSION_SHAPE
+    spec = AugmentSpec.from_dict(spec_dict(side))
+    batches = in_process_batches(
+        bench.backend, bench.manifest, spec, batch_size, SEED, bench.headers
+    )
+    try:
+        flats = [next(batches).reshape(-1).copy() for _ in range(MICRO_BATCHES)]
+    finally:
+        batches.close()
+    chunks = [
+        flat[offset : offset + DEFAULT_CHUNK_BYTES]
+        for flat in flats
+        for offset in range(0, flat.size, DEFAULT_CHUNK_BYTES)
+    ]
+    view = memoryview(np.empty(DEFAULT_CHUNK_BYTES, np.uint8))
+    results = []
+    for codec, level in levels:
+        encode, decode_into = _codec_functions(codec, level)
+        frames = [encode(chunk) for chunk in chunks]  # None: the chunk goes raw
+
+        def decode_all(
+            frames: list[bytes | None] = frames,
+            decode_into: Callable[[bytes, memoryview], None] = decode_into,
+        ) -> None:
+            for chunk, frame in zip(chunks, frames):
+                if frame is None:
+                    view[: chunk.size] = chunk  # raw in a compressed session: one copy
+                else:
+                    decode_into(frame, view[: chunk.size])
+
+        for chunk, frame in zip(chunks, frames):
+            if frame is not None:
+                decode_into(frame, view[: chunk.size])
+                if view[: chunk.size] != memoryview(chunk):
+                    raise RuntimeError(f"{codec} level {level}: a chunk decoded wrong")
+        results.append(
+            CodecMicro(
+                codec,
+                level,
+                MICRO_BATCHES * batch_size,
+                sum(chunk.size for chunk in chunks),
+                sum(
+                    chunk.size if frame is None else len(frame)
+                    for chunk, frame in zip(chunks, frames)
+                ),
+                _least_cpu(lambda encode=encode: [encode(chunk) for chunk in chunks]),
+                _least_cpu(decode_all),
+            )
+        )
+        print(
+            f"  codec {codec:4} level {level:3d}: ratio {results[-1].ratio:.3f}",
+            file=sys.stderr,
+            flush=True,
+        )
+    return results
 
 
 # --- reporting -------------------------------------------------------------------------------
@@ -572,13 +809,82 @@ def cost_table(cells: Sequence[Cell]) -> str:
     )
 
 
-def markdown_tables(cells: Sequence[Cell]) -> str:
+def compression_tables(
+    cells: Sequence[Cell], encoding: dict[str, list[EncodeReading]], micro: Sequence[CodecMicro]
+) -> str:
+    """The compression suite's cells, each against the uncompressed cell of its link; then the
+    codecs alone."""
+    lookup = {cell.key: cell for cell in cells}
+    side, batch_size = COMPRESSION_SHAPE
+    image_bytes = side * side * 3
+    lines = table_head(
+        "link", "codec", "img/s", "vs none", "pixel MB/s", "sent MB/s", "ratio",
+        "server encode ms / img", "server CPU ms / img", "server rpc threads ms / img",
+        "client CPU ms / img", "client minus none", "other load, cores",
+        left=(0, 1),
+    )  # fmt: skip
+    for cell in cells:
+        if cell.suite != COMPRESSION:
+            continue
+        codec, rate = compression_parts(cell.way)
+        none = lookup[
+            (COMPRESSION, side, batch_size, cell.consumers, compression_way("none", rate))
+        ]
+        reading = sum(encoding.get(cell.way, []), EncodeReading())
+        client = cell.client_ms_per_image or 0.0
+        lines.append(
+            f"| {rate or 'loopback'} | {codec} | {cell.images_per_second:,.0f} "
+            f"| {_ratio(cell.images_per_second, none.images_per_second)} "
+            f"| {cell.megabytes_per_second:,.1f} "
+            f"| {cell.megabytes_per_second / reading.ratio:,.1f} | {reading.ratio:.3f} "
+            f"| {reading.ms_per_image(image_bytes):.3f} | {cell.process_ms_per_image:.3f} "
+            f"| {cell.role_ms_per_image().get('augserve-rpc', 0.0):.3f} | {client:.3f} "
+            f"| {client - (none.client_ms_per_image or 0.0):+.3f} | {cell.other_cores:.2f} |"
+        )
+    text = (
+        f"In-band with and without compression ({side}×{side}, batch {batch_size}, one client; "
+        "ratio: pixel bytes over bytes sent; server encode: CPU in `ChunkEncoder.encode` per "
+        "image; client minus none: the client's CPU per image less the uncompressed cell's):\n\n"
+        + "\n".join(lines)
+    )
+    if micro:
+        rows = table_head(
+            "codec", "level", "ratio", "sent / pixels", "encode MB/s", "decode MB/s",
+            "encode ms / img", "decode ms / img",
+            left=(0,),
+        )  # fmt: skip
+        for item in micro:
+            rows.append(
+                f"| {item.codec} | {item.level} | {item.ratio:.3f} | {1 / item.ratio:.1%} "
+                f"| {item.megabytes_per_second(item.encode_seconds):,.0f} "
+                f"| {item.megabytes_per_second(item.decode_seconds):,.0f} "
+                f"| {item.ms_per_image(item.encode_seconds):.3f} "
+                f"| {item.ms_per_image(item.decode_seconds):.3f} |"
+            )
+        images = micro[0].images
+        text += (
+            f"\n\nThe codecs alone, one thread ({images} augmented {side}×{side} outputs in "
+            f"chunks of {DEFAULT_CHUNK_BYTES:,} bytes; MB/s of pixels per core of CPU time, the "
+            f"least of {MICRO_PASSES} passes; decode: into place, as the client does):\n\n"
+            + "\n".join(rows)
+        )
+    return text
+
+
+def markdown_tables(
+    cells: Sequence[Cell],
+    encoding: dict[str, list[EncodeReading]] | None = None,
+    micro: Sequence[CodecMicro] = (),
+) -> str:
     parts = []
     if any(cell.suite == TRANSPORT for cell in cells):
         parts.append(transport_tables(cells))
     if any(cell.suite == PRODUCER for cell in cells):
         parts.append(producer_table(cells))
-    parts.append(cost_table(cells))
+    if any(cell.suite == COMPRESSION for cell in cells):
+        parts.append(compression_tables(cells, encoding or {}, micro))
+    if any(cell.suite in (TRANSPORT, PRODUCER) for cell in cells):
+        parts.append(cost_table(cells))
     return "\n\n".join(parts)
 
 
@@ -650,7 +956,7 @@ def open_link(
     config: BenchConfig, stack: contextlib.ExitStack
 ) -> tuple[ShapedLink | None, ClientPool | None, str]:
     """The shaped link and its client processes (closed by `stack`), or None and why not."""
-    if not config.link or TRANSPORT not in config.suites:
+    if not config.link or not {TRANSPORT, COMPRESSION} & set(config.suites):
         return None, None, "not asked for"
     if os.geteuid() != 0:
         return None, None, "needs root (network namespaces, tc)"
@@ -681,11 +987,20 @@ def main(argv: Sequence[str] | None = None) -> None:
         rows = rows_of(config, link is not None)
         announce(sum(len(ways) for *_, ways in rows), config.seconds, config.rounds)
         bench = Bench(dataset_path, manifest, run.clients, link, link_clients)
+        micro: list[CodecMicro] = []
         try:
-            cells = run_benchmark(config, bench, run.gate)
+            with bench.encode_meter:
+                cells = run_benchmark(config, bench, run.gate)
+            if COMPRESSION in config.suites:
+                print("Codecs alone, one thread...", file=sys.stderr, flush=True)
+                micro = codec_micro(bench)
         finally:
             bench.close()
 
+    link_rates = [
+        *(LINK_RATES if link and TRANSPORT in config.suites else ()),
+        *(COMPRESSION_LINK_RATES if link and COMPRESSION in config.suites else ()),
+    ]
     details = {
         "dataset": {
             "images": DATASET_IMAGES,
@@ -696,7 +1011,17 @@ def main(argv: Sequence[str] | None = None) -> None:
             **{side: spec_dict(side) for side in sorted({side for side, _ in config.shapes})},
             PRODUCER: PRODUCER_SPEC,
         },
-        "link": {"rates": LINK_RATES if link else [], "note": link_note},
+        "link": {"rates": link_rates, "note": link_note},
+        "compression": {
+            "codecs": CODEC_CHOICES,
+            "shape": COMPRESSION_SHAPE,
+            "link_rates": COMPRESSION_LINK_RATES if link and COMPRESSION in config.suites else [],
+            "encoding": {
+                way: [asdict(reading) for reading in readings]
+                for way, readings in bench.encoding.items()
+            },
+            "micro": [item.to_json() for item in micro],
+        },
         "targets": [
             {"suite": suite, "way": way, "baseline": baseline, "share": share, "sides": sides}
             for suite, way, baseline, share, sides in TARGETS
@@ -709,10 +1034,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             "spec: random_resized_crop + flip + brightness; producer spec: rotate + flip + crop; "
             f"server: OpenCV backend, {os.cpu_count()} threads, prefetch "
             f"{Limits().default_prefetch}; clients: one process each (spawn); shaped link: "
-            f"{', '.join(LINK_RATES) if link else 'skipped'} ({link_note}); no compression "
-            "(the client offers none)."
+            f"{', '.join(link_rates) if link else 'skipped'} ({link_note}); compression only in "
+            f"the compression suite ({', '.join(CODEC_CHOICES)} at their default levels)."
         ),
-        markdown_tables(cells),
+        markdown_tables(cells, bench.encoding, micro),
         target_summary(cells),
         details,
         [cell.to_json() for cell in cells],

@@ -250,6 +250,14 @@ def test_grpcurl_describes_the_batch_message_with_its_comments(grpcurl, server):
     assert "its index in the dataset's manifest" in text
 
 
+def test_grpcurl_describes_how_to_reassemble_compressed_chunks(grpcurl, server):
+    text = run_grpcurl(grpcurl, "-plaintext", server.address, "describe", "augserve.v1.Chunk")
+    assert ".augserve.v1.Compression compression = 4;" in text and "uint64 decoded_length = 5;" in text
+    assert "decode `data` (one frame of that codec) to exactly n = decoded_length bytes" in text
+    text = run_grpcurl(grpcurl, "-plaintext", server.address, "describe", "augserve.v1.Compression")
+    assert "one Zstandard frame (RFC 8878" in text and "one LZ4 frame (the LZ4 Frame Format" in text
+
+
 def contract_symbols() -> list[tuple[str, str]]:
     """(symbol, what grpcurl calls it) for every service, method, message and enum of the proto."""
     symbols = []

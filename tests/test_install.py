@@ -38,3 +38,9 @@ def test_the_server_extra_brings_the_server(tmp_path):
     names = resolved(f"{ROOT}[server]", tmp_path)
     assert {"opencv-python-headless", "pillow", "grpcio-health-checking", "grpcio-reflection", "prometheus-client"} <= names
     assert "torch" not in names
+
+
+def test_the_compression_extra_adds_the_codecs_only(tmp_path):
+    names = resolved(f"{ROOT}[compression]", tmp_path)
+    assert {"zstandard", "lz4"} <= names
+    assert names <= {"augserve", "grpcio", "protobuf", "numpy", "typing-extensions", "zstandard", "lz4"}, sorted(names)

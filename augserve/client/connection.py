@@ -17,6 +17,7 @@ from augserve.rpc.convert import (
     spec_to_proto,
 )
 from augserve.rpc import keepalive
+from augserve.rpc.compression import CODECS, COMPRESSION_VALUES, CodecUnavailable, Compression
 from augserve.rpc.security import TlsFiles, channel_credentials, client_token
 from augserve.transport.ring import shared_memory_available
 
@@ -89,10 +90,26 @@ class Client:
         eval_size: tuple[int, int] | None = None,
         group_policy: str = "lockstep",
         group_size: int = 0,
+        compression: str = "none",
+        compression_level: int = 0,
     ) -> BatchStream:
         """Open a session. epochs=0 streams endlessly; transport is auto | inband | shared_memory.
         Sessions of the same stream share one producer; `group_size` makes a new group wait
-        (at most the server's group_wait_seconds) for that many members before producing."""
+        (at most the server's group_wait_seconds) for that many members before producing.
+
+        `compression` (none | zstd | lz4) has the server encode in-band chunks, at
+        `compression_level` (0: the codec's default; zstd -7 to 9, lz4 -8 to 9); for slow links
+        only: photographs shrink to about 0.7–0.9 of their size. Decoding needs the codec's package
+        (zstandard, lz4; both in augserve[compression]): without it, AugserveClientError
+        FAILED_PRECONDITION before anything is sent. Ignored on shared memory."""
+        choice = Compression(compression, compression_level)  # ValueError naming the argument
+        if choice.enabled:
+            try:
+                CODECS[choice.codec].library()
+            except CodecUnavailable as error:
+                raise AugserveClientError(
+                    grpc.StatusCode.FAILED_PRECONDITION, f"compression={compression!r}: decoding {error}"
+                ) from None
         open_message = pb.OpenSession(
             dataset=dataset,
             split=SPLIT_VALUES[split],
@@ -109,6 +126,8 @@ class Client:
             eval_size=list(eval_size or ()),
             group_policy=GROUP_POLICY_VALUES[group_policy],
             group_size=group_size,
+            compression=COMPRESSION_VALUES[choice.codec] if choice.enabled else pb.COMPRESSION_UNSPECIFIED,
+            compression_level=choice.level,
         )
         if spec is not None:
             open_message.spec.CopyFrom(spec_to_proto(spec))

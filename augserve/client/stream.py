@@ -15,6 +15,7 @@ from augserve._proto.augserve.v1 import augserve_pb2 as pb
 from augserve._proto.augserve.v1 import augserve_pb2_grpc as pb_grpc
 from augserve.client.errors import AugserveClientError
 from augserve.client.tensors import IMAGENET_MEAN, IMAGENET_STD, to_torch
+from augserve.rpc.compression import ChunkDecoder, CodecUnavailable, CorruptChunk
 from augserve.rpc.convert import tensor_from_proto
 from augserve.transport.ring import SHM_DIR, SlotReader, remove_probe, write_probe
 
@@ -105,6 +106,7 @@ class BatchStream:
         self._idle_timeout = idle_timeout
         self._metadata = metadata
         self._reconnect = reconnect
+        self._decoder = ChunkDecoder()
         self._readers: dict[str, SlotReader] = {}  # shared-memory segments by name
         self._pending_release: int | None = None
         self._closed = False
@@ -280,25 +282,39 @@ class BatchStream:
         )
 
     def _assemble(self, message: pb.Batch) -> np.ndarray:
-        """Read the batch's Chunk messages into one array (each chunk copied once, into place)."""
+        """Read the batch's Chunk messages into one array: each raw chunk copied once into
+        place, each encoded one decoded into place (zstd) or decoded and copied once (lz4)."""
         shape = tuple(message.images.shape)
         images = np.empty(shape, np.dtype(message.images.dtype or "uint8"))
         flat = images.reshape(-1).view(np.uint8)
         filled = 0
         for _ in range(message.chunks):
-            chunk = self._next_message()
-            if chunk.WhichOneof("kind") != "chunk" or chunk.chunk.sequence != message.sequence or chunk.chunk.offset != filled:
-                raise AugserveClientError(
-                    grpc.StatusCode.DATA_LOSS, f"batch {message.sequence}: chunks out of order", self.last_resume_token
-                )
-            data = chunk.chunk.data
-            flat[filled : filled + len(data)] = np.frombuffer(data, np.uint8)
-            filled += len(data)
+            received = self._next_message()
+            chunk = received.chunk
+            if received.WhichOneof("kind") != "chunk" or chunk.sequence != message.sequence or chunk.offset != filled:
+                raise self._data_loss(message, "chunks out of order")
+            encoded = chunk.compression not in (pb.COMPRESSION_UNSPECIFIED, pb.COMPRESSION_NONE)
+            length = chunk.decoded_length if encoded else len(chunk.data)
+            if filled + length > flat.size:
+                raise self._data_loss(message, f"chunks hold more than its {flat.size} bytes")
+            if not encoded:
+                flat[filled : filled + length] = np.frombuffer(chunk.data, np.uint8)
+            else:
+                try:
+                    self._decoder.decode_into(chunk.compression, chunk.data, memoryview(flat)[filled : filled + length])
+                except CorruptChunk as error:
+                    raise self._data_loss(message, f"chunk at offset {filled}: {error}") from None
+                except CodecUnavailable as error:
+                    raise AugserveClientError(
+                        grpc.StatusCode.FAILED_PRECONDITION, f"batch {message.sequence}: decoding {error}", self.last_resume_token
+                    ) from None
+            filled += length
         if filled != flat.size:
-            raise AugserveClientError(
-                grpc.StatusCode.DATA_LOSS, f"batch {message.sequence}: {filled} of {flat.size} bytes came", self.last_resume_token
-            )
+            raise self._data_loss(message, f"{filled} of {flat.size} bytes came")
         return images
+
+    def _data_loss(self, message: pb.Batch, what: str) -> AugserveClientError:
+        return AugserveClientError(grpc.StatusCode.DATA_LOSS, f"batch {message.sequence}: {what}", self.last_resume_token)
 
     def _map_segment(self, name: str) -> SlotReader:
         """Map the server's segment `name`, or close this stream and raise AugserveClientError

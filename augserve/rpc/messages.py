@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Iterator
 
 from augserve._proto.augserve.v1 import augserve_pb2 as pb
+from augserve.rpc.compression import ChunkEncoder
 from augserve.streaming.limits import Limits
 from augserve.streaming.session import Delivery, EpochEnded, Event, StreamEnded, StreamFacts
 
@@ -51,18 +52,29 @@ def session_info(facts: StreamFacts, backend: str) -> pb.ServerMessage:
     )
 
 
-def event_messages(event: Event, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[pb.ServerMessage]:
+def event_messages(
+    event: Event, chunk_bytes: int = DEFAULT_CHUNK_BYTES, encoder: ChunkEncoder | None = None
+) -> Iterator[pb.ServerMessage]:
     """The messages of one event: an in-band batch is its Batch, then its pixels in Chunks of at
-    most `chunk_bytes`, each copied once from the slot into its message."""
+    most `chunk_bytes` each (before encoding), each copied once from the slot into its message,
+    or with an `encoder` encoded once from the slot (raw where encoding would not shrink it)."""
     if isinstance(event, Delivery):
         yield _batch_message(event, chunk_bytes)
         if event.images is not None:
             flat = event.images.reshape(-1)
             for offset in range(0, flat.size, chunk_bytes):
+                pixels = flat[offset : offset + chunk_bytes]
                 message = pb.ServerMessage()
-                message.chunk.sequence = event.sequence
-                message.chunk.offset = offset
-                message.chunk.data = flat[offset : offset + chunk_bytes].tobytes()
+                chunk = message.chunk
+                chunk.sequence = event.sequence
+                chunk.offset = offset
+                encoded = None if encoder is None else encoder.encode(memoryview(pixels))
+                if encoded is None:
+                    chunk.data = pixels.tobytes()
+                else:
+                    chunk.data = encoded
+                    chunk.compression = encoder.wire
+                    chunk.decoded_length = pixels.size
                 yield message
     elif isinstance(event, EpochEnded):
         yield pb.ServerMessage(epoch_end=pb.EpochEnd(epoch=event.epoch, samples=event.samples, skipped=event.skipped))

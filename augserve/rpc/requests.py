@@ -13,6 +13,14 @@ from augserve.core.errors import SpecError
 from augserve.core.plan import MAX_SEED
 from augserve.core.policy import BadImagePolicy
 from augserve.core.spec import AugmentSpec
+from augserve.rpc.compression import (
+    CODECS,
+    COMPRESSION_NAMES,
+    NONE,
+    CodecUnavailable,
+    Compression,
+    available_codecs,
+)
 from augserve.rpc.convert import (
     BAD_IMAGE_NAMES,
     GROUP_POLICY_NAMES,
@@ -75,3 +83,24 @@ def parse_open(
         shm_probe_nonce=message.shm_probe_nonce,
         max_chunk_bytes=message.max_chunk_bytes or DEFAULT_CHUNK_BYTES,
     )
+
+
+def parse_compression(message: pb.OpenSession) -> Compression:
+    """The session's in-band compression: a codec this server knows and can encode with (its
+    library installed), at a level within the codec's."""
+    name = enum_name("open.compression", message.compression, COMPRESSION_NAMES)
+    try:
+        compression = Compression(name, message.compression_level)
+    except SpecError as error:
+        raise SpecError(f"open.{error.field}", error.message) from None
+    if name != NONE:
+        try:
+            CODECS[name].library()
+        except CodecUnavailable as error:
+            offered = ", ".join([NONE] + [codec.name for codec in available_codecs()])
+            raise SpecError(
+                "open.compression",
+                f"{name} is not available on this server (it lacks the Python package {error.package}); "
+                f"it offers {offered}",
+            ) from None
+    return compression

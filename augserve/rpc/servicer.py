@@ -19,9 +19,10 @@ from augserve._proto.augserve.v1 import augserve_pb2_grpc as pb_grpc
 from augserve.core.errors import SpecError
 from augserve.core.spec import eval_spec
 from augserve.rpc.admission import PendingOpens, peer_host
+from augserve.rpc.compression import ChunkEncoder, available_codecs, support_to_proto
 from augserve.rpc.convert import RESUME_METADATA_KEY
 from augserve.rpc.messages import event_messages, limits_to_proto, session_info
-from augserve.rpc.requests import parse_open
+from augserve.rpc.requests import parse_compression, parse_open
 from augserve.rpc.schema import describe_ops_response
 from augserve.rpc.status import status_of
 from augserve.streaming.manager import SessionManager
@@ -53,14 +54,18 @@ class AugmentServicer(pb_grpc.AugmentServicer):
             if kind != "open":
                 raise SpecError(kind or "message", "the first message of a stream must be open")
             request = parse_open(first.open, eval_spec, self.manager.limits.max_decoded_pixels)
+            compression = parse_compression(first.open)
             session = self.manager.open(request)
+            # Per session, at send time: members of one group share the produced batch and
+            # each gets it encoded its own way.
+            encoder = ChunkEncoder(compression) if compression.enabled and not session.facts.shared_memory else None
             context.add_callback(session.cancel)
             threading.Thread(
                 target=_read_client, args=(request_iterator, session), name=f"augserve-reader-{session.id}", daemon=True
             ).start()
             yield session_info(session.facts, self.manager.backend.name)
             for event in session.events():
-                yield from event_messages(event, request.max_chunk_bytes)
+                yield from event_messages(event, request.max_chunk_bytes, encoder)
         except Exception as error:
             code, message = status_of(error)
             if session is None:
@@ -122,6 +127,7 @@ class AugmentServicer(pb_grpc.AugmentServicer):
             batches_delivered=snapshot.counters.batches_delivered,
             datasets=sorted(manager.datasets),
             buffer_bytes=snapshot.buffer_bytes,
+            compressions=[support_to_proto(codec) for codec in available_codecs()],
         )
 
     def DescribeOps(self, request: pb.DescribeOpsRequest, context: grpc.ServicerContext) -> pb.DescribeOpsResponse:

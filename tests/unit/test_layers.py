@@ -27,7 +27,13 @@ ALLOWED = {
 WIRE_LAYERS = {"rpc", "client", "_proto"}
 WIRE_MODULES = ("grpc", "grpc_health", "grpc_reflection", "google.protobuf", "augserve._proto")
 # The client may import only these modules of the rpc layer (no servicer, metrics or server).
-CLIENT_RPC_MODULES = {"augserve.rpc", "augserve.rpc.convert", "augserve.rpc.keepalive", "augserve.rpc.security"}
+CLIENT_RPC_MODULES = {
+    "augserve.rpc",
+    "augserve.rpc.compression",
+    "augserve.rpc.convert",
+    "augserve.rpc.keepalive",
+    "augserve.rpc.security",
+}
 
 
 def module_name(path: Path) -> str:
@@ -92,7 +98,8 @@ def test_producer_never_reaches_into_the_manager() -> None:
     assert "manager." not in code.replace("wake_manager", ""), "a producer calls into the manager"
 
 
-FORBIDDEN_IN_CLIENT = ("cv2", "PIL", "nvidia.dali", "yaml", "prometheus_client", "torch")
+# The codec libraries are optional: imported only when a stream asks for their codec.
+FORBIDDEN_IN_CLIENT = ("cv2", "PIL", "nvidia.dali", "yaml", "prometheus_client", "torch", "zstandard", "lz4")
 FORBIDDEN_PACKAGES = ("augserve.backends", "augserve.streaming", "augserve.data", "augserve.cli")
 
 

@@ -21,6 +21,13 @@ class Transport(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TRANSPORT_INBAND: _ClassVar[Transport]
     TRANSPORT_SHARED_MEMORY: _ClassVar[Transport]
 
+class Compression(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    COMPRESSION_UNSPECIFIED: _ClassVar[Compression]
+    COMPRESSION_NONE: _ClassVar[Compression]
+    COMPRESSION_ZSTD: _ClassVar[Compression]
+    COMPRESSION_LZ4: _ClassVar[Compression]
+
 class BadImagePolicy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     BAD_IMAGE_POLICY_UNSPECIFIED: _ClassVar[BadImagePolicy]
@@ -50,6 +57,10 @@ SPLIT_ALL: Split
 TRANSPORT_UNSPECIFIED: Transport
 TRANSPORT_INBAND: Transport
 TRANSPORT_SHARED_MEMORY: Transport
+COMPRESSION_UNSPECIFIED: Compression
+COMPRESSION_NONE: Compression
+COMPRESSION_ZSTD: Compression
+COMPRESSION_LZ4: Compression
 BAD_IMAGE_POLICY_UNSPECIFIED: BadImagePolicy
 BAD_IMAGE_POLICY_SKIP: BadImagePolicy
 BAD_IMAGE_POLICY_FAIL: BadImagePolicy
@@ -109,7 +120,7 @@ class AugmentSpec(_message.Message):
     def __init__(self, ops: _Optional[_Iterable[_Union[Op, _Mapping]]] = ..., fill_mode: _Optional[str] = ..., fill_value: _Optional[int] = ...) -> None: ...
 
 class OpenSession(_message.Message):
-    __slots__ = ("dataset", "split", "spec", "batch_size", "seed", "epochs", "shard_index", "shard_count", "transport", "prefetch", "resume_token", "on_bad_image", "drop_last", "eval_size", "group_policy", "shm_probe_name", "shm_probe_nonce", "group_size", "max_chunk_bytes")
+    __slots__ = ("dataset", "split", "spec", "batch_size", "seed", "epochs", "shard_index", "shard_count", "transport", "prefetch", "resume_token", "on_bad_image", "drop_last", "eval_size", "group_policy", "shm_probe_name", "shm_probe_nonce", "group_size", "max_chunk_bytes", "compression", "compression_level")
     DATASET_FIELD_NUMBER: _ClassVar[int]
     SPLIT_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
@@ -129,6 +140,8 @@ class OpenSession(_message.Message):
     SHM_PROBE_NONCE_FIELD_NUMBER: _ClassVar[int]
     GROUP_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSION_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSION_LEVEL_FIELD_NUMBER: _ClassVar[int]
     dataset: str
     split: Split
     spec: AugmentSpec
@@ -148,7 +161,9 @@ class OpenSession(_message.Message):
     shm_probe_nonce: bytes
     group_size: int
     max_chunk_bytes: int
-    def __init__(self, dataset: _Optional[str] = ..., split: _Optional[_Union[Split, str]] = ..., spec: _Optional[_Union[AugmentSpec, _Mapping]] = ..., batch_size: _Optional[int] = ..., seed: _Optional[int] = ..., epochs: _Optional[int] = ..., shard_index: _Optional[int] = ..., shard_count: _Optional[int] = ..., transport: _Optional[_Union[Transport, str]] = ..., prefetch: _Optional[int] = ..., resume_token: _Optional[bytes] = ..., on_bad_image: _Optional[_Union[BadImagePolicy, str]] = ..., drop_last: _Optional[bool] = ..., eval_size: _Optional[_Iterable[int]] = ..., group_policy: _Optional[_Union[GroupPolicy, str]] = ..., shm_probe_name: _Optional[str] = ..., shm_probe_nonce: _Optional[bytes] = ..., group_size: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ...) -> None: ...
+    compression: Compression
+    compression_level: int
+    def __init__(self, dataset: _Optional[str] = ..., split: _Optional[_Union[Split, str]] = ..., spec: _Optional[_Union[AugmentSpec, _Mapping]] = ..., batch_size: _Optional[int] = ..., seed: _Optional[int] = ..., epochs: _Optional[int] = ..., shard_index: _Optional[int] = ..., shard_count: _Optional[int] = ..., transport: _Optional[_Union[Transport, str]] = ..., prefetch: _Optional[int] = ..., resume_token: _Optional[bytes] = ..., on_bad_image: _Optional[_Union[BadImagePolicy, str]] = ..., drop_last: _Optional[bool] = ..., eval_size: _Optional[_Iterable[int]] = ..., group_policy: _Optional[_Union[GroupPolicy, str]] = ..., shm_probe_name: _Optional[str] = ..., shm_probe_nonce: _Optional[bytes] = ..., group_size: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., compression: _Optional[_Union[Compression, str]] = ..., compression_level: _Optional[int] = ...) -> None: ...
 
 class Credit(_message.Message):
     __slots__ = ("batches",)
@@ -243,14 +258,18 @@ class Batch(_message.Message):
     def __init__(self, sequence: _Optional[int] = ..., epoch: _Optional[int] = ..., position: _Optional[int] = ..., count: _Optional[int] = ..., images: _Optional[_Union[Tensor, _Mapping]] = ..., slot: _Optional[int] = ..., labels: _Optional[_Iterable[int]] = ..., sample_ids: _Optional[_Iterable[int]] = ..., resume_token: _Optional[bytes] = ..., skipped: _Optional[_Iterable[str]] = ..., shm_name: _Optional[str] = ..., chunks: _Optional[int] = ...) -> None: ...
 
 class Chunk(_message.Message):
-    __slots__ = ("sequence", "offset", "data")
+    __slots__ = ("sequence", "offset", "data", "compression", "decoded_length")
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSION_FIELD_NUMBER: _ClassVar[int]
+    DECODED_LENGTH_FIELD_NUMBER: _ClassVar[int]
     sequence: int
     offset: int
     data: bytes
-    def __init__(self, sequence: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+    compression: Compression
+    decoded_length: int
+    def __init__(self, sequence: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., compression: _Optional[_Union[Compression, str]] = ..., decoded_length: _Optional[int] = ...) -> None: ...
 
 class EpochEnd(_message.Message):
     __slots__ = ("epoch", "samples", "skipped")
@@ -331,7 +350,7 @@ class Limits(_message.Message):
     def __init__(self, max_sessions: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_output_pixels: _Optional[int] = ..., max_spec_ops: _Optional[int] = ..., max_prefetch: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_buffer_bytes: _Optional[int] = ...) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("version", "backend", "device", "limits", "live_sessions", "producers", "batches_produced", "batches_delivered", "datasets", "buffer_bytes")
+    __slots__ = ("version", "backend", "device", "limits", "live_sessions", "producers", "batches_produced", "batches_delivered", "datasets", "buffer_bytes", "compressions")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -342,6 +361,7 @@ class ServerInfo(_message.Message):
     BATCHES_DELIVERED_FIELD_NUMBER: _ClassVar[int]
     DATASETS_FIELD_NUMBER: _ClassVar[int]
     BUFFER_BYTES_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSIONS_FIELD_NUMBER: _ClassVar[int]
     version: str
     backend: str
     device: str
@@ -352,7 +372,20 @@ class ServerInfo(_message.Message):
     batches_delivered: int
     datasets: _containers.RepeatedScalarFieldContainer[str]
     buffer_bytes: int
-    def __init__(self, version: _Optional[str] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., live_sessions: _Optional[int] = ..., producers: _Optional[int] = ..., batches_produced: _Optional[int] = ..., batches_delivered: _Optional[int] = ..., datasets: _Optional[_Iterable[str]] = ..., buffer_bytes: _Optional[int] = ...) -> None: ...
+    compressions: _containers.RepeatedCompositeFieldContainer[CompressionSupport]
+    def __init__(self, version: _Optional[str] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., live_sessions: _Optional[int] = ..., producers: _Optional[int] = ..., batches_produced: _Optional[int] = ..., batches_delivered: _Optional[int] = ..., datasets: _Optional[_Iterable[str]] = ..., buffer_bytes: _Optional[int] = ..., compressions: _Optional[_Iterable[_Union[CompressionSupport, _Mapping]]] = ...) -> None: ...
+
+class CompressionSupport(_message.Message):
+    __slots__ = ("compression", "min_level", "max_level", "default_level")
+    COMPRESSION_FIELD_NUMBER: _ClassVar[int]
+    MIN_LEVEL_FIELD_NUMBER: _ClassVar[int]
+    MAX_LEVEL_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_LEVEL_FIELD_NUMBER: _ClassVar[int]
+    compression: Compression
+    min_level: int
+    max_level: int
+    default_level: int
+    def __init__(self, compression: _Optional[_Union[Compression, str]] = ..., min_level: _Optional[int] = ..., max_level: _Optional[int] = ..., default_level: _Optional[int] = ...) -> None: ...
 
 class DescribeOpsRequest(_message.Message):
     __slots__ = ()

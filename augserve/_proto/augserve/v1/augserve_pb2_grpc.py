@@ -89,7 +89,11 @@ class AugmentServicer:
         no samples, drop_last with fewer samples than a batch; a resume token
         not issued by a server, or for another stream; a dataset whose images
         differ in size under a spec that fixes no output size;
-        TRANSPORT_SHARED_MEMORY from a client not on the server's host.
+        TRANSPORT_SHARED_MEMORY from a client not on the server's host;
+        `open.compression` naming a codec this server does not know or
+        cannot encode (its library is not installed: the message names the
+        Python package; ServerInfo.compressions lists what it can), or
+        `open.compression_level` outside that codec's levels.
         NOT_FOUND           `open.dataset` names no dataset this server serves (ListDatasets).
         RESOURCE_EXHAUSTED  max_sessions, max_batch_size, max_prefetch, max_spec_ops,
         max_output_pixels, the batch bytes limit or the server's memory
@@ -108,7 +112,8 @@ class AugmentServicer:
         the stream was cut before its open message to admit newer ones (too
         many streams waiting to open, from one host or in all).
         FAILED_PRECONDITION raised by clients (not the server): the server chose shared memory but
-        its segment cannot be mapped here; reopen with TRANSPORT_INBAND.
+        its segment cannot be mapped here; reopen with TRANSPORT_INBAND. Also
+        a client asked for a compression whose decoding library it lacks.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
