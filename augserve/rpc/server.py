@@ -182,8 +182,9 @@ class AugserveServer:
         self._stopped.set()
         log.info("augserve stopped")
 
-    def wait(self) -> None:
-        self._stopped.wait()
+    def wait(self, timeout: float | None = None) -> bool:
+        """Whether the server stopped within `timeout` seconds (None: wait until it does)."""
+        return self._stopped.wait(timeout)
 
     def __enter__(self) -> AugserveServer:
         return self
@@ -197,20 +198,28 @@ def create_server(config: ServerConfig, backend: Backend | None = None) -> Augse
     return AugserveServer(config, backend).start()
 
 
+SIGNAL_POLL_SECONDS = 0.2
+
+
 def serve(config: ServerConfig, port_file: str | None = None) -> None:
     """Run a server until SIGTERM or SIGINT, then shut down gracefully. `port_file` receives
     the bound port once the server is up (useful with port 0)."""
     server = create_server(config)
-    if port_file:
-        temporary = f"{port_file}.tmp"
-        with open(temporary, "w", encoding="utf-8") as handle:
-            handle.write(f"{server.port}\n")
-        os.replace(temporary, port_file)
 
     def on_signal(number: int, frame: object) -> None:
         log.info("received %s: shutting down", signal.Signals(number).name)
         threading.Thread(target=server.stop, name="augserve-shutdown").start()
 
+    # Before the port file: whoever reads it may signal at once.
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    server.wait()
+    if port_file:
+        temporary = f"{port_file}.tmp"
+        with open(temporary, "w", encoding="utf-8") as handle:
+            handle.write(f"{server.port}\n")
+        os.replace(temporary, port_file)
+    # Python runs a signal's handler in the main thread, and the kernel may hand the signal to
+    # any of the server's threads: a main thread blocked in an untimed wait would not see it
+    # until something else woke it. Waking every SIGNAL_POLL_SECONDS bounds that delay.
+    while not server.wait(SIGNAL_POLL_SECONDS):
+        pass
