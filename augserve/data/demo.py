@@ -12,6 +12,7 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,19 +108,24 @@ def generate(root: Path, config: DemoConfig) -> None:
 
 
 def ensure_demo_dataset(config: DemoConfig = DemoConfig(), root: Path | None = None) -> Path:
-    """The demo dataset's folder, generating it first if it is not in the cache yet.
+    """The demo dataset's folder, generating it first if it is not in the cache yet."""
+    return ensure_generated(config.folder_name, lambda folder: generate(folder, config), root)
+
+
+def ensure_generated(folder_name: str, write: Callable[[Path], None], root: Path | None = None) -> Path:
+    """`root / folder_name` (root: the cache), made by `write(folder)` first if it is not there.
 
     Generation writes to a temporary folder and renames it, so concurrent callers and
     interrupted runs never see a half-written tree.
     """
     base = cache_root() if root is None else root
-    target = base / config.folder_name
+    target = base / folder_name
     if (target / READY_MARKER).exists():
         return target
     base.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".demo-", dir=base))
     try:
-        generate(staging / "data", config)
+        write(staging / "data")
         (staging / "data" / READY_MARKER).write_text("ok\n")
         try:
             os.rename(staging / "data", target)
