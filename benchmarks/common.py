@@ -563,8 +563,8 @@ def bare_batches(
     for source in read_plainly(manifest, ids.tolist()):
         image = cv2.imdecode(np.frombuffer(source.data, np.uint8), cv2.IMREAD_COLOR_RGB)
         plan = make_plan(spec, seed, 0, source.sample_id, image.shape[:2])
-        if plan.color is not None or plan.erase_steps:
-            raise ValueError("bare_batches runs warps only: the spec has colour or erasing ops")
+        if plan.color is not None or plan.erase_steps or plan.pixel_steps:
+            raise ValueError("bare_batches runs warps only: the spec has colour, pixel or erasing ops")
         warps[source.sample_id] = plan.warp
     flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
     size = (side[1], side[0])  # (width, height), as OpenCV takes it
@@ -616,7 +616,8 @@ class WorkerResources:
 @dataclass(frozen=True)
 class StreamJob:
     """One stream from a server for one round. `transport` is "shared_memory" or "inband";
-    `group_size`, `group_policy` and `compression` go to `Client.stream` as they are;
+    `group_size`, `group_policy`, `compression` and `decode_group_size` go to `Client.stream`
+    as they are;
     `expect_shared`: whether the server must call the stream shared (the round fails otherwise:
     with it False, streams meant to run apart must differ in seed or ask for
     `group_policy="alone"`)."""
@@ -631,6 +632,7 @@ class StreamJob:
     group_policy: str = "lockstep"
     expect_shared: bool = False
     compression: str = "none"
+    decode_group_size: int = 0
 
     @property
     def label(self) -> str:
@@ -649,6 +651,7 @@ class StreamJob:
             group_size=self.group_size,
             group_policy=self.group_policy,
             compression=self.compression,
+            decode_group_size=self.decode_group_size,
         ) as stream:
             if stream.facts.transport != self.transport:
                 raise RuntimeError(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -40,6 +41,54 @@ class Backend(Protocol):
     ) -> AugmentResult: ...
 
     def close(self) -> None: ...
+
+
+class SampleFailure(Exception):
+    """One sample cannot be decoded or augmented; the message is the reason (as
+    `AugmentResult.failures` reports it)."""
+
+
+class DecodesApart(Protocol):
+    """What a backend that decodes apart from augmenting (OpenCV) offers besides `augment`, so
+    that one decode of an image serves several specs and later epochs:
+
+    - `decode(data) -> [H, W, 3] uint8` RGB as stored (the EXIF orientation is the plan's);
+      SampleFailure where `data` cannot be decoded;
+    - `apply_decoded(image, plan, out)`: the plan's warp, colour, pixel steps and erasing from
+      a decoded image into `out` ([H, W, 3] uint8), never writing to `image`; SampleFailure
+      where the image does not fit the plan;
+    - `run_each(count, work) -> {index: reason}`: `work(index)` for every index on the
+      backend's threads, with the reason of each SampleFailure raised, by ascending index.
+
+    `augment(encoded, plans, out)` equals decoding each image and applying its plan so."""
+
+    def decode(self, data: bytes) -> np.ndarray: ...
+
+    def apply_decoded(self, image: np.ndarray, plan: SamplePlan, out: np.ndarray) -> None: ...
+
+    def run_each(self, count: int, work: Callable[[int], None]) -> dict[int, str]: ...
+
+
+class DecodedSource(Protocol):
+    """Runs a batch on a backend that decodes apart (`DecodesApart`), taking each image's decode
+    from wherever the same bytes were decoded already (another stream's batch, a cache) or
+    decoding it, and returns what `backend.augment(encoded, plans, out)` would. `turn()` is held
+    while it runs the backend itself. Every image it uses is the decode of exactly those bytes,
+    so the pixels never depend on where the decode came from."""
+
+    def augment(
+        self,
+        backend: DecodesApart,
+        encoded: Sequence[bytes],
+        plans: Sequence[SamplePlan],
+        out: np.ndarray | None,
+        turn: Callable[[], AbstractContextManager[object]],
+    ) -> AugmentResult: ...
+
+
+def decodes_apart(backend: Backend) -> bool:
+    """Whether `backend` offers `DecodesApart`: OpenCV does; DALI decodes inside its pipeline."""
+    return all(callable(getattr(backend, name, None)) for name in ("decode", "apply_decoded", "run_each"))
 
 
 # Batches a backend without a `concurrent_batches` of its own may run at once: 2 keeps a thread

@@ -3,12 +3,13 @@ bad-image policy. The server's producers and the in-process benchmarks both call
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from augserve.backends.base import Backend
+from augserve.backends.base import AugmentResult, Backend, DecodedSource, decodes_apart
 from augserve.core.errors import BadImageError, SpecError
 from augserve.core.images import HeaderCache, UnreadableSource, inspect_image
 from augserve.core.plan import SamplePlan, make_plan
@@ -37,6 +38,7 @@ def augment_batch(
     out: np.ndarray | None = None,
     headers: HeaderCache | None = None,
     output_size: tuple[int, int] | None = None,
+    decoded: DecodedSource | None = None,
 ) -> Batch:
     """Augment `sources` with the plans of (seed, epoch, sample_id).
 
@@ -47,22 +49,60 @@ def augment_batch(
     defaults to the size of `out`. With either, an image whose plan gives another size is a bad
     image (its file changed since indexing) rather than a failed batch. A source that
     `read_sources` could not read (`UnreadableSource`) is a bad image with the reader's reason.
+    With `decoded`, a backend that decodes apart from augmenting (`decodes_apart`) takes each
+    image's decode from it (another stream's decode of the same bytes, a cache, or its own);
+    the pixels are the same either way.
+
+    The three steps are also callable apart (`prepare_batch`, `run_batch`, `finish_batch`), so
+    that a producer draws plans before it waits for its turn at the backend.
     """
+    prepared = prepare_batch(spec, seed, epoch, sources, policy, out, headers, output_size)
+    return finish_batch(prepared, run_batch(backend, prepared, decoded))
+
+
+@dataclass
+class PreparedBatch:
+    """A batch with its header checks done and its plans drawn: `usable[i]` gets `plans[i]`;
+    `skipped` holds what was left out so far; `out` is where its images go (or None)."""
+
+    usable: list[SourceImage]
+    plans: list[SamplePlan]
+    skipped: list[SkippedImage]
+    policy: BadImagePolicy
+    out: np.ndarray | None
+    empty_size: tuple[int, int]  # output size of a batch left with no usable image
+
+    @property
+    def encoded(self) -> list[bytes]:
+        return [source.data for source in self.usable]
+
+    def reject(self, source: SourceImage, reason: str) -> None:
+        """Leave `source` out for `reason`, or end the stream (BadImageError) by policy."""
+        if self.policy.on_bad_image == "fail":
+            raise BadImageError(source.source, reason)
+        self.skipped.append(SkippedImage(source.sample_id, source.source, reason))
+
+
+def prepare_batch(
+    spec: AugmentSpec,
+    seed: int,
+    epoch: int,
+    sources: Sequence[SourceImage],
+    policy: BadImagePolicy = BadImagePolicy(),
+    out: np.ndarray | None = None,
+    headers: HeaderCache | None = None,
+    output_size: tuple[int, int] | None = None,
+) -> PreparedBatch:
+    """Check headers and draw plans (`augment_batch`'s first step; pure Python, no backend)."""
     if output_size is None and out is not None:
         output_size = (int(out.shape[1]), int(out.shape[2]))
     elif output_size is not None and out is not None and tuple(out.shape[1:3]) != tuple(output_size):
         raise ValueError(f"out has images of {out.shape[1]}x{out.shape[2]}, expected output_size {output_size}")
-    skipped: list[SkippedImage] = []
-    usable: list[SourceImage] = []
-    plans: list[SamplePlan] = []
+    prepared = PreparedBatch([], [], [], policy, out, tuple(output_size or spec.fixed_output_size or (0, 0)))
+    usable, plans, reject = prepared.usable, prepared.plans, prepared.reject
     # Looked up once, not per image: this loop is the producer's per-image Python.
     expected_size = None if output_size is None else tuple(output_size)
     max_pixels = policy.max_pixels
-
-    def reject(source: SourceImage, reason: str) -> None:
-        if policy.on_bad_image == "fail":
-            raise BadImageError(source.source, reason)
-        skipped.append(SkippedImage(source.sample_id, source.source, reason))
 
     for source in sources:
         if isinstance(source, UnreadableSource):
@@ -96,20 +136,42 @@ def augment_batch(
             "images of this batch differ in size and the spec does not fix an output size; "
             "add crop, resize or random_resized_crop",
         )
-    if not plans:
-        out_h, out_w = output_size or spec.fixed_output_size or (0, 0)
-        empty = np.empty((0,), np.int64)
-        return Batch(np.empty((0, out_h, out_w, 3), np.uint8), empty, empty.copy(), skipped)
+    return prepared
 
-    result = backend.augment(
-        [source.data for source in usable], plans, None if out is None else out[: len(plans)]
-    )
+
+def run_batch(
+    backend: Backend,
+    prepared: PreparedBatch,
+    decoded: DecodedSource | None = None,
+    turn: Callable[[], AbstractContextManager[object]] = nullcontext,
+) -> AugmentResult | None:
+    """Run the backend on a prepared batch (None when no image is left): `backend.augment`,
+    or with `decoded` and a backend that decodes apart, `decoded.augment`. `turn()` is held
+    while the backend runs (a producer's fair turn); `decoded` takes it only if it runs the
+    backend itself (another producer may augment this batch while it decodes the images)."""
+    if not prepared.plans:
+        return None
+    out = prepared.out
+    target = None if out is None else out[: len(prepared.plans)]
+    if decoded is not None and decodes_apart(backend):
+        return decoded.augment(backend, prepared.encoded, prepared.plans, target, turn)
+    with turn():
+        return backend.augment(prepared.encoded, prepared.plans, target)
+
+
+def finish_batch(prepared: PreparedBatch, result: AugmentResult | None) -> Batch:
+    """The batch the backend's `result` makes, with its failures left out by policy."""
+    if result is None:
+        out_h, out_w = prepared.empty_size
+        empty = np.empty((0,), np.int64)
+        return Batch(np.empty((0, out_h, out_w, 3), np.uint8), empty, empty.copy(), prepared.skipped)
+    usable = prepared.usable
     for index, reason in sorted(result.failures.items()):
-        reject(usable[index], reason)
+        prepared.reject(usable[index], reason)
     kept = [usable[index] for index in result.kept]
     return Batch(
         result.images,
         np.array([source.sample_id for source in kept], np.int64),
         np.array([source.label for source in kept], np.int64),
-        sorted(skipped, key=lambda item: item.sample_id),
+        sorted(prepared.skipped, key=lambda item: item.sample_id),
     )

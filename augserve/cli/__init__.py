@@ -294,6 +294,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve_parser.add_argument("--max-prefetch", dest="max_prefetch", type=int)
     serve_parser.add_argument("--max-buffer-bytes", dest="max_buffer_bytes", type=int)
     serve_parser.add_argument("--group-window", dest="group_window", type=int)
+    serve_parser.add_argument("--stall-seconds", dest="stall_seconds", type=float,
+                              help="a member that consumes nothing this long (not paused) leaves its group (default 30)")
+    serve_parser.add_argument("--decoded-cache-bytes", dest="decoded_cache_bytes", type=int,
+                              help="decoded images kept for later epochs and experiments (default 1 GiB; 0: off)")
     serve_parser.set_defaults(handler=serve_command)
 
     index_parser = commands.add_parser("index", help="build (and cache) a dataset's manifest ahead of serving")

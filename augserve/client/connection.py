@@ -92,6 +92,7 @@ class Client:
         group_size: int = 0,
         compression: str = "none",
         compression_level: int = 0,
+        decode_group_size: int = 0,
     ) -> BatchStream:
         """Open a session. epochs=0 streams endlessly; transport is auto | inband | shared_memory.
         Sessions of the same stream share one producer; `group_size` makes a new group wait
@@ -101,7 +102,13 @@ class Client:
         `compression_level` (0: the codec's default; zstd -7 to 9, lz4 -8 to 9); for slow links
         only: photographs shrink to about 0.7–0.9 of their size. Decoding needs the codec's package
         (zstandard, lz4; both in augserve[compression]): without it, AugserveClientError
-        FAILED_PRECONDITION before anything is sent. Ignored on shared memory."""
+        FAILED_PRECONDITION before anything is sent. Ignored on shared memory.
+
+        Sessions on the same dataset order (dataset, split, seed, batch size, shard) share
+        reading and decoding whatever their specs; `decode_group_size` makes a new producer wait
+        (at most group_wait_seconds) until that many such sessions have opened, so that every
+        image is decoded once for all of them from the first batch. `stream.pause()` /
+        `resume()` (or `with stream.paused():`) around a break in reading keeps the group."""
         choice = Compression(compression, compression_level)  # ValueError naming the argument
         if choice.enabled:
             try:
@@ -128,6 +135,7 @@ class Client:
             group_size=group_size,
             compression=COMPRESSION_VALUES[choice.codec] if choice.enabled else pb.COMPRESSION_UNSPECIFIED,
             compression_level=choice.level,
+            decode_group_size=decode_group_size,
         )
         if spec is not None:
             open_message.spec.CopyFrom(spec_to_proto(spec))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
@@ -353,6 +354,29 @@ class BatchStream:
         for batch in self:
             yield to_torch(batch.images, batch.labels, device, normalize, mean, std)
 
+    def pause(self, seconds: float = 0.0) -> None:
+        """Tell the server this stream stops being read for a while (validation, a checkpoint):
+        its group waits for it instead of detaching it as stalled, for up to `seconds` (0: the
+        server's longest pause, max_pause_seconds) or until `resume`."""
+        if not seconds >= 0:
+            raise ValueError(f"seconds: expected a number >= 0, got {seconds!r}")
+        if not self._closed:
+            self._outgoing.put(pb.ClientMessage(pause=pb.Pause(seconds=seconds)))
+
+    def resume(self) -> None:
+        """The stream is read again: the pause `pause` announced ends."""
+        if not self._closed:
+            self._outgoing.put(pb.ClientMessage(resume=pb.Resume()))
+
+    @contextmanager
+    def paused(self, seconds: float = 0.0) -> Iterator[None]:
+        """`pause` for the time of a `with` block (e.g. validating between epochs), then `resume`."""
+        self.pause(seconds)
+        try:
+            yield
+        finally:
+            self.resume()
+
     @property
     def resume_tokens(self) -> list[bytes]:
         return [self.last_resume_token]
@@ -418,6 +442,15 @@ class ShardedStream:
                     yield batch
 
     torch = BatchStream.torch
+    paused = BatchStream.paused
+
+    def pause(self, seconds: float = 0.0) -> None:
+        for stream in self.streams:
+            stream.pause(seconds)
+
+    def resume(self) -> None:
+        for stream in self.streams:
+            stream.resume()
 
     @property
     def resume_tokens(self) -> list[bytes]:

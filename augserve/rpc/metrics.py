@@ -51,7 +51,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
 from augserve.streaming.counters import PRODUCTION_BUCKETS
-from augserve.streaming.manager import SessionManager
+from augserve.streaming.manager import ManagerSnapshot, SessionManager
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ class ManagerCollector(Collector):
             (item.session_id, item.dataset, item.images_sent, item.batches_sent, item.queue_depth, item.credits)
             for item in snapshot.sessions
         ]
-        groups = [(str(item.producer_id), item.dataset, item.members) for item in snapshot.producers]
+        groups = snapshot.producers
         buffer_bytes = snapshot.buffer_bytes
         bucket_counts = counters.production_bucket_counts
         production_sum = counters.production_seconds_sum
@@ -111,10 +111,8 @@ class ManagerCollector(Collector):
             credits.add_metric([session_id, dataset], credit)
         yield from (images, batches, queue, credits)
 
-        members = GaugeMetricFamily("augserve_group_members", "Sessions fed by a producer", labels=["producer", "dataset"])
-        for producer_id, dataset, count in groups:
-            members.add_metric([producer_id, dataset], count)
-        yield members
+        yield from group_metrics(snapshot)
+        yield from decode_metrics(snapshot)
 
         yield from pipeline_cache_metrics(manager.backend)
 
@@ -125,6 +123,63 @@ class ManagerCollector(Collector):
         histogram = HistogramMetricFamily("augserve_production_seconds", "Seconds to produce a batch (turn at the backend included)")
         histogram.add_metric([], cumulative, sum_value=production_sum)
         yield histogram
+
+
+# Per group (a producer and the sessions it feeds): gauges, then counters since it started.
+GROUP_GAUGES = (
+    ("members", "members", "Sessions fed by a producer"),
+    ("paused_members", "paused_members", "Members that announced a pause (validation, a checkpoint) still running"),
+    ("decode_producers", "decode_producers", "Producers sharing this producer's decodes (its dataset order, any spec)"),
+)
+GROUP_COUNTERS = (
+    ("detaches", "detaches", "Members detached from this group (fell behind or stalled)"),
+    ("rejoins", "rejoins", "Detached members that came back to this group"),
+    ("batches_produced", "batches_produced", "Batches this group's producer made"),
+    ("images_decoded", "images_decoded", "Images this group's producer decoded itself"),
+    ("decode_shared", "shared_decode_hits", "Images taken from another spec's decode of the same batch"),
+    ("decode_cached", "decode_cache_hits", "Images taken from the decoded-image cache"),
+)
+
+
+def group_metrics(snapshot: ManagerSnapshot) -> Iterator[Metric]:
+    """augserve_group_* families, one series per live producer (labels producer, dataset)."""
+    labels = ["producer", "dataset"]
+    for field_name, metric_name, help_text in GROUP_GAUGES:
+        family = GaugeMetricFamily(f"augserve_group_{metric_name}", help_text, labels=labels)
+        for item in snapshot.producers:
+            family.add_metric([str(item.producer_id), item.dataset], getattr(item, field_name))
+        yield family
+    for field_name, metric_name, help_text in GROUP_COUNTERS:
+        family = CounterMetricFamily(f"augserve_group_{metric_name}", help_text, labels=labels)
+        for item in snapshot.producers:
+            family.add_metric([str(item.producer_id), item.dataset], getattr(item, field_name))
+        yield family
+
+
+def decode_metrics(snapshot: ManagerSnapshot) -> Iterator[Metric]:
+    """Server-wide decoding: decodes, shared decodes, the decoded-image cache, rejoins."""
+    counters = snapshot.counters
+    for name, help_text, value in (
+        ("images_decoded", "Images decoded (OpenCV: decodes run; DALI: images it decoded and kept)", counters.images_decoded),
+        ("shared_decode_hits", "Images a producer took from another spec's decode of the same batch", counters.decode_shared),
+        ("sessions_rejoined", "Detached sessions that went back to their group", counters.rejoined),
+        ("pauses", "Pauses announced by sessions (validation, checkpoints)", counters.pauses),
+    ):
+        yield CounterMetricFamily(f"augserve_{name}", help_text, value=value)
+    yield GaugeMetricFamily("augserve_decode_share_bytes", "Decoded batches kept for other specs of the same order", value=snapshot.decode_share_bytes)
+    cache = snapshot.decoded_cache
+    if cache is None:
+        return
+    yield GaugeMetricFamily("augserve_decoded_cache_bytes", "Decoded pixels held by the decoded-image cache", value=cache.bytes)
+    yield GaugeMetricFamily("augserve_decoded_cache_max_bytes", "Budget of the decoded-image cache (0: off)", value=cache.max_bytes)
+    yield GaugeMetricFamily("augserve_decoded_cache_entries", "Images in the decoded-image cache", value=cache.entries)
+    yield GaugeMetricFamily("augserve_decoded_cache_hit_ratio", "Cache lookups that found their image, since start", value=cache.hit_rate)
+    for name, help_text, value in (
+        ("hits", "Decoded-image cache lookups that found their image", cache.hits),
+        ("misses", "Decoded-image cache lookups that did not (the image was decoded)", cache.misses),
+        ("evictions", "Images dropped from the decoded-image cache to make room", cache.evictions),
+    ):
+        yield CounterMetricFamily(f"augserve_decoded_cache_{name}", help_text, value=value)
 
 
 # The pipeline cache's counters and gauges, for a backend that keeps one (DALI's `cache_stats()`).

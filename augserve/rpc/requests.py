@@ -82,6 +82,7 @@ def parse_open(
         shm_probe_name=message.shm_probe_name,
         shm_probe_nonce=message.shm_probe_nonce,
         max_chunk_bytes=message.max_chunk_bytes or DEFAULT_CHUNK_BYTES,
+        decode_group_size=message.decode_group_size,
     )
 
 

@@ -181,7 +181,7 @@ class TolerantDecoding(grpc.ServerInterceptor):
 
 
 def _read_client(request_iterator: Iterator[pb.ClientMessage], session: Session) -> None:
-    """Apply credits and slot releases as they arrive; a protocol error ends the session."""
+    """Apply credits, slot releases and pauses as they arrive; a protocol error ends the session."""
     try:
         for message in request_iterator:
             if isinstance(message, Undecodable):
@@ -192,11 +192,15 @@ def _read_client(request_iterator: Iterator[pb.ClientMessage], session: Session)
                 session.grant(message.credit.batches)
             elif kind == "release":
                 session.release_slot(message.release.sequence)
+            elif kind == "pause":
+                session.pause(message.pause.seconds)
+            elif kind == "resume":
+                session.resume()
             elif kind == "open":
                 session.fail(SpecError("open", "the session is already open; a stream opens one session"))
                 return
             else:
-                session.fail(SpecError("message", "empty ClientMessage (expected credit or release)"))
+                session.fail(SpecError("message", "empty ClientMessage (expected credit, release, pause or resume)"))
                 return
     except grpc.RpcError:
         session.cancel()  # the client went away

@@ -16,6 +16,11 @@ class CounterValues:
     images_skipped: int = 0
     sessions_opened: int = 0
     detached: int = 0
+    rejoined: int = 0  # detached sessions that went back to their group
+    pauses: int = 0  # pauses announced by members (validation, checkpoints)
+    images_decoded: int = 0  # decodes the backend ran
+    decode_shared: int = 0  # images taken from another producer's decode of the same batch
+    decode_cached: int = 0  # images taken from the decoded-image cache
     # Seconds from a producer's turn at the backend to its batch being ready, as a histogram.
     production_bucket_counts: list[int] = field(default_factory=lambda: [0] * (len(PRODUCTION_BUCKETS) + 1))
     production_seconds_sum: float = 0.0

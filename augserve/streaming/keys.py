@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 from dataclasses import dataclass
 from typing import Any
 
-from augserve.core.errors import SpecError
-from augserve.core.plan import MAX_EPOCH, MAX_SAMPLE_ID
+from augserve.core.tokens import ResumeToken
 
-TOKEN_VERSION = 1
+__all__ = ["ResumeToken", "StreamKey", "stream_hash"]
 
 
 def stream_hash(parts: dict[str, Any]) -> str:
@@ -36,34 +34,17 @@ class StreamKey:
     shared_memory: bool
 
     @property
+    def order_key(self) -> tuple:
+        """What makes two streams hold the same images at the same cursors, whatever their
+        specs: they can share reading and decoding (a `DecodeGroup`). The seed counts only
+        where it shuffles (validation is read in manifest order)."""
+        return (
+            self.dataset, self.fingerprint, self.split, self.seed if self.split != "validation" else None,
+            self.batch_size, self.shard_index, self.shard_count, self.drop_last,
+        )
+
+    @property
     def token_hash(self) -> str:
         """Identity for resume tokens: everything but the memory kind (transport may change)."""
         parts = {name: getattr(self, name) for name in self.__dataclass_fields__ if name != "shared_memory"}
         return stream_hash(parts)
-
-
-@dataclass(frozen=True)
-class ResumeToken:
-    """Where a stream continues: the next sample (`position` in `epoch`'s shard order) of the
-    stream whose parameters hash to `stream_hash`."""
-
-    stream_hash: str
-    epoch: int
-    position: int
-
-    def encode(self) -> bytes:
-        text = json.dumps({"v": TOKEN_VERSION, "stream": self.stream_hash, "epoch": self.epoch, "position": self.position})
-        return base64.urlsafe_b64encode(text.encode())
-
-    @classmethod
-    def decode(cls, data: bytes, field: str = "open.resume_token") -> ResumeToken:
-        try:
-            fields = json.loads(base64.urlsafe_b64decode(data))
-            if fields["v"] != TOKEN_VERSION:
-                raise ValueError("version")
-            token = cls(str(fields["stream"]), int(fields["epoch"]), int(fields["position"]))
-        except Exception:
-            raise SpecError(field, "not a resume token issued by an augserve server") from None
-        if not 0 <= token.epoch <= MAX_EPOCH or not 0 <= token.position <= MAX_SAMPLE_ID:
-            raise SpecError(field, "not a resume token issued by an augserve server")
-        return token

@@ -27,11 +27,14 @@ class Limits:
     max_decoded_pixels: int = DEFAULT_MAX_PIXELS  # per source image (decompression bombs)
     group_window: int = 8  # slots beyond a producer's prefetch, for members to drift apart
     stall_seconds: float = 30.0  # a lockstep member that long without consuming is detached
+    max_pause_seconds: float = 600.0  # longest pause a member may announce (0 asks for this)
     group_wait_seconds: float = 30.0  # longest a new group waits for its announced members
     idle_session_seconds: float = 600.0  # a session with batches ready but no credit that long is closed
     open_timeout_seconds: float = 10.0  # a stream without its open message that long is cut
     max_pending_opens: int = 32  # streams waiting for their open message (past it the oldest is cut)
     max_pending_opens_per_peer: int = 8  # ... from one peer host
+    decoded_cache_bytes: int = 1 << 30  # decoded images kept for later epochs and experiments (0: off)
+    decode_share_bytes: int = 512 << 20  # decoded batches kept for other specs of the same order
 
     def __post_init__(self) -> None:
         for name in (
@@ -44,9 +47,12 @@ class Limits:
             raise SpecError("default_prefetch", f"is over max_prefetch {self.max_prefetch}")
         if self.group_window < 1:
             raise SpecError("group_window", "must be at least 1")
-        for name in ("open_timeout_seconds", "idle_session_seconds"):
+        for name in ("open_timeout_seconds", "idle_session_seconds", "max_pause_seconds"):
             if not getattr(self, name) > 0:
                 raise SpecError(name, "must be positive")
+        for name in ("decoded_cache_bytes", "decode_share_bytes"):
+            if getattr(self, name) < 0:
+                raise SpecError(name, "must not be negative")
 
     @property
     def rpc_threads(self) -> int:

@@ -2,10 +2,13 @@
 
 It opens sessions (checking the request against the server's limits and the memory budget),
 joins them to a producer of the same stream where the stream's buffered batches still reach the
-session's start, closes them, and carries out the group decisions (`groups.stragglers`) in a
-supervisor thread of its own: producers only report that they are blocked. Its lock guards the
+session's start, closes them, and carries out the group decisions (`groups.stragglers`,
+`groups.rejoins`) in a supervisor thread of its own: producers only report that they are
+blocked or that a detached member reached its old group. Producers of one dataset order (any
+spec) share a `DecodeGroup`, and every producer the decoded-image cache. Its lock guards the
 registries and the budget; each producer's condition guards that producer and its members
-(lock order: manager, then producer).
+(lock order: manager, then producer; two producers' conditions only in id order, the older
+first: a group before the producer made for a member detached from it).
 """
 
 from __future__ import annotations
@@ -20,9 +23,11 @@ from augserve.core.errors import LimitError, NotFoundError, SpecError, Unavailab
 from augserve.core.images import HeaderCache
 from augserve.core.plan import MAX_EPOCH
 from augserve.data.datasets import Dataset
+from augserve.data.decoded import CacheStats, DecodedCache
 from augserve.streaming import groups
 from augserve.streaming.counters import CounterValues, Counters
 from augserve.streaming.cursor import Cursor, shard_samples
+from augserve.streaming.decoding import ByteBudget, DecodeGroup
 from augserve.streaming.keys import StreamKey
 from augserve.streaming.limits import Limits
 from augserve.streaming.producer import Producer
@@ -54,6 +59,14 @@ class ProducerSnapshot:
     producer_id: int
     dataset: str
     members: int
+    paused_members: int = 0
+    detaches: int = 0  # members detached from it
+    rejoins: int = 0  # detached members that came back to it
+    batches_produced: int = 0
+    images_decoded: int = 0  # decodes it ran itself
+    decode_shared: int = 0  # images it took from another producer's decode (its decode group's)
+    decode_cached: int = 0  # images it took from the decoded-image cache
+    decode_producers: int = 1  # producers in its decode group (itself included)
 
 
 @dataclass(frozen=True)
@@ -64,6 +77,8 @@ class ManagerSnapshot:
     producers: tuple[ProducerSnapshot, ...]
     counters: CounterValues
     buffer_bytes: int
+    decoded_cache: CacheStats | None = None
+    decode_share_bytes: int = 0  # decoded batches the decode groups keep for their producers
 
 
 @dataclass
@@ -81,6 +96,9 @@ class SessionManager:
     shutting_down: bool = False
 
     def __post_init__(self) -> None:
+        self.decoded_cache = DecodedCache(self.limits.decoded_cache_bytes)
+        self.decode_groups: dict[tuple, DecodeGroup] = {}  # by StreamKey.order_key
+        self._decode_budget = ByteBudget(self.limits.decode_share_bytes)
         self._lock = threading.Lock()
         self._inband_bytes: dict[str, int] = {}  # per session: INBAND_COPIES batches, or 0
         self._wake = threading.Event()
@@ -138,12 +156,18 @@ class SessionManager:
             if len(self.sessions) >= self.limits.max_sessions:
                 raise LimitError(f"server is full: {self.limits.max_sessions} sessions are open (limit max_sessions)")
             self._check_budget(inband_bytes, "this stream's in-band messages")
-            session = Session(request, key, cursor, end_epoch, prefetch, self.counters, self.limits.idle_session_seconds)
-            producer = None if request.group_policy == "alone" else self._join(session, cursor)
+            session = Session(
+                request, key, cursor, end_epoch, prefetch, self.counters, self.limits.idle_session_seconds,
+                self.limits.max_pause_seconds,
+            )
+            alone = request.group_policy == "alone"
+            producer = None if alone else self._join(session, cursor)
             if producer is None:
                 producer = self._new_producer(
                     key, dataset, request.spec, split_ids, output_size, cursor,
                     prefetch, max(1, request.group_size), "this stream", reserved=inband_bytes,
+                    decode_group=None if alone else self._decode_group(key),
+                    expected_order_sessions=request.decode_group_size,
                 )
                 with producer.condition:
                     session.attach(producer, 0)
@@ -153,6 +177,8 @@ class SessionManager:
             self.sessions[session.id] = session
             self._inband_bytes[session.id] = inband_bytes
             self.counters.add(sessions_opened=1)
+            if producer.decode_group is not None:
+                self._count_order_session(producer.decode_group)
         log.info(
             "session %s opened: dataset=%s split=%s batch=%d seed=%d shard=%d/%d transport=%s producer=%d%s",
             session.id, key.dataset, key.split, key.batch_size, key.seed, key.shard_index, key.shard_count,
@@ -173,6 +199,10 @@ class SessionManager:
             raise LimitError(f"open.prefetch: {request.prefetch} is over the limit of {limits.max_prefetch}")
         if request.group_size > limits.max_sessions:
             raise LimitError(f"open.group_size: {request.group_size} is over the limit of {limits.max_sessions} sessions")
+        if request.decode_group_size > limits.max_sessions:
+            raise LimitError(
+                f"open.decode_group_size: {request.decode_group_size} is over the limit of {limits.max_sessions} sessions"
+            )
         if len(request.spec.ops) > limits.max_spec_ops:
             raise LimitError(f"open.spec.ops: {len(request.spec.ops)} ops is over the limit of {limits.max_spec_ops}")
         split_ids = dataset.split_ids(request.split)
@@ -218,11 +248,28 @@ class SessionManager:
             raise SpecError("open.transport", "shared memory needs the client on the server's host (its probe file was not found)")
         return possible
 
+    def _decode_group(self, key: StreamKey) -> DecodeGroup:
+        """The decode group of `key`'s dataset order (manager lock held)."""
+        group = self.decode_groups.get(key.order_key)
+        if group is None:
+            group = self.decode_groups[key.order_key] = DecodeGroup(key.order_key, self._decode_budget)
+        return group
+
+    def _count_order_session(self, group: DecodeGroup) -> None:
+        """A session opened on `group`'s order: producers gathering for it look again (manager
+        lock held)."""
+        group.sessions_opened += 1
+        for producer in self.producers.values():
+            if producer.decode_group is group:
+                with producer.condition:
+                    producer.condition.notify_all()
+
     def _join(self, session: Session, cursor: Cursor) -> Producer | None:
         """Attach `session` to a live producer of its stream whose buffer still reaches
-        `cursor` (manager lock held)."""
+        `cursor` (manager lock held). A producer made for a detached member is not joined:
+        it makes only what that member's old group no longer holds."""
         for producer in self.producers.values():
-            if producer.key != session.key:
+            if producer.key != session.key or producer.ceiling_source is not None:
                 continue
             with producer.condition:
                 if producer.stopped or producer.error is not None or not producer.members:
@@ -248,17 +295,24 @@ class SessionManager:
         expected_members: int,
         purpose: str,
         reserved: int = 0,
+        decode_group: DecodeGroup | None = None,
+        expected_order_sessions: int = 0,
     ) -> Producer:
         """A producer (not started, not registered) within the memory budget, beside `reserved`
-        bytes the caller is about to take (manager lock held)."""
+        bytes the caller is about to take, in `decode_group` from `cursor` on (manager lock
+        held)."""
         slot_count = prefetch + self.limits.group_window
         self._check_budget(reserved + slot_count * key.batch_size * output_size[0] * output_size[1] * 3, purpose)
-        return Producer(
+        producer = Producer(
             key=key, dataset=dataset, spec=spec, split_ids=split_ids, output_size=output_size,
             cursor=cursor, slot_count=slot_count, backend=self.backend, scheduler=self.scheduler,
             headers=self.headers, counters=self.counters, group_wait_seconds=self.limits.group_wait_seconds,
-            wake_manager=self._wake, expected_members=expected_members,
+            wake_manager=self._wake, expected_members=expected_members, decode_group=decode_group,
+            decoded_cache=self.decoded_cache, expected_order_sessions=expected_order_sessions,
         )
+        if decode_group is not None:
+            decode_group.join(producer.id, cursor, producer.held_up)
+        return producer
 
     def _check_budget(self, needed: int, purpose: str) -> None:
         """Refuse what would take the server past max_buffer_bytes (manager lock held)."""
@@ -297,6 +351,7 @@ class SessionManager:
                 self._reap()
                 for producer in list(self.producers.values()):
                     self._release_stragglers(producer)
+                self._rejoin_detached()
 
     def _release_stragglers(self, producer: Producer) -> None:
         """Carry out `groups.stragglers` for one producer (manager lock held)."""
@@ -314,7 +369,9 @@ class SessionManager:
                     behind=producer.next_sequence - member.next_sequence,
                     holds_oldest=producer.holds(member.id, oldest_sequence),
                     policy=member.request.group_policy,
-                    idle_seconds=now - max(member.last_consumed, oldest.produced_at),
+                    # A pause that ran out (or ended with a resume) starts the stall clock anew.
+                    idle_seconds=now - max(member.last_consumed, oldest.produced_at, member.paused_until),
+                    paused=member.paused(now),
                 )
                 for member in producer.members
             ]
@@ -331,11 +388,12 @@ class SessionManager:
         cursor = old.cursor_of(member.next_sequence)
         old.drop_from(member.id, member.next_sequence)
         old.members.remove(member)
+        old.detaches += 1
         old.condition.notify_all()
         try:
             producer = self._new_producer(
                 old.key, old.dataset, old.spec, old.split_ids, old.output_size, cursor,
-                member.prefetch, 1, f"detaching session {member.id} ({reason})",
+                member.prefetch, 1, f"detaching session {member.id} ({reason})", decode_group=old.decode_group,
             )
         except LimitError as error:
             # No longer a member (the group goes on); it still holds what it was sent until it
@@ -343,14 +401,64 @@ class SessionManager:
             member.failure = error
             log.warning("session %s %s and cannot be detached: %s", member.id, reason, error)
             return
+        producer.ceiling_source = old  # it makes only what `old` no longer holds
         with producer.condition:
             member.attach(producer, 0)
+            member.detached_from = old
+            member.detached_at = time.monotonic()
         self.producers[producer.id] = producer
         self.counters.add(detached=1)
         producer.start()
         log.info(
             "session %s %s: detached from producer %d onto producer %d at epoch %d position %d",
             member.id, reason, old.id, producer.id, *cursor,
+        )
+
+    def _rejoin_detached(self) -> None:
+        """Carry out `groups.rejoins`: detached members whose next batch their old group
+        still holds go back to it (manager lock held)."""
+        for session in list(self.sessions.values()):
+            group = session.detached_from
+            if group is None:
+                continue
+            with group.condition:
+                own = session.producer
+                with own.condition:
+                    if session.producer is not own or session.detached_from is not group:
+                        continue
+                    alive = not group.stopped and group.error is None and bool(group.members)
+                    cursor = own.cursor_of(session.next_sequence)
+                    view = groups.DetachedView(
+                        session_id=session.id,
+                        policy=session.request.group_policy,
+                        group_alive=alive,
+                        sequence_in_group=group.sequence_at(cursor) if alive else None,
+                        group_next_sequence=group.next_sequence,
+                        consumed_since_detach=session.last_consumed > session.detached_at,
+                    )
+                    decisions = groups.rejoins([view], window=self.limits.group_window)
+                    if not alive:
+                        session.detached_from = None  # nothing to go back to: it goes on alone
+                        own.ceiling_source = None
+                    elif decisions:
+                        self._rejoin(own, group, session, decisions[0].sequence, cursor)
+                    own.condition.notify_all()  # a producer held at its ceiling looks again
+
+    def _rejoin(self, own: Producer, group: Producer, member: Session, sequence: int, cursor: Cursor) -> None:
+        """Move `member` from its own producer back to `group` at the group's batch
+        `sequence` (manager lock and both conditions held, the group's first)."""
+        own.drop_from(member.id, member.next_sequence)
+        own.members.remove(member)
+        if not own.members:
+            own.stopped = True
+        member.attach(group, sequence)
+        member.detached_from = None
+        group.rejoins += 1
+        group.condition.notify_all()
+        self.counters.add(rejoined=1)
+        log.info(
+            "session %s rejoined producer %d from producer %d at epoch %d position %d",
+            member.id, group.id, own.id, *cursor,
         )
 
     # --- closing ---
@@ -384,6 +492,10 @@ class SessionManager:
             if done:
                 producer.close_ring()
                 del self.producers[producer_id]
+        in_use = {id(producer.decode_group) for producer in self.producers.values()}
+        for order_key, group in list(self.decode_groups.items()):
+            if id(group) not in in_use and group.producers == 0:
+                del self.decode_groups[order_key]
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Refuse new sessions, end live ones with UNAVAILABLE (they keep their resume token),
@@ -434,10 +546,23 @@ class SessionManager:
                         )
                     )
             producers = []
+            now = time.monotonic()
             for producer in self.producers.values():
+                decoded, shared, cached = producer.decode_tally.values()
+                group = producer.decode_group
                 with producer.condition:
-                    producers.append(ProducerSnapshot(producer.id, producer.key.dataset, len(producer.members)))
-            return ManagerSnapshot(tuple(sessions), tuple(producers), self.counters.snapshot(), self.buffer_bytes)
+                    producers.append(ProducerSnapshot(
+                        producer.id, producer.key.dataset, len(producer.members),
+                        paused_members=sum(1 for member in producer.members if member.paused(now)),
+                        detaches=producer.detaches, rejoins=producer.rejoins, batches_produced=producer.next_sequence,
+                        images_decoded=decoded, decode_shared=shared, decode_cached=cached,
+                        decode_producers=1 if group is None else max(1, group.producers),
+                    ))
+            share_bytes = sum(group.kept_bytes for group in self.decode_groups.values())
+            return ManagerSnapshot(
+                tuple(sessions), tuple(producers), self.counters.snapshot(), self.buffer_bytes,
+                self.decoded_cache.stats(), share_bytes,
+            )
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait until no session is open and every producer is gone; False on timeout."""

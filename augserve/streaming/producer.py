@@ -11,6 +11,14 @@ while the backend runs batch n (a DALI pipeline takes n+1 before n is done). The
 publishes them strictly in order, so members see exactly the batches, sequences and cursors an
 unhurried producer makes; every sample's pixels depend only on its bytes and its plan
 (seed, epoch, sample id), never on which worker or when.
+
+Decoding: with a backend that decodes apart from augmenting (OpenCV), each batch's images come
+through a `BatchDecode`: from the producer's decode group (producers of other specs on the same
+dataset order, one of which decoded the batch), the decoded-image cache, or its own decode.
+
+A producer made for a detached member (`ceiling_source`: the group it left) makes only the
+batches that group no longer holds: once it reaches the group's oldest buffered batch it waits,
+and the manager moves the member back to the group (a rejoin).
 """
 
 from __future__ import annotations
@@ -20,23 +28,28 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from augserve.backends.base import Backend, read_ahead_batches
-from augserve.backends.batch import Batch, augment_batch
+from augserve.backends.base import Backend, decodes_apart, read_ahead_batches
+from augserve.backends.batch import Batch, finish_batch, prepare_batch, run_batch
 from augserve.core.errors import AugserveError
 from augserve.core.images import HeaderCache
 from augserve.core.policy import BadImagePolicy
 from augserve.core.spec import AugmentSpec
 from augserve.data.datasets import Dataset, epoch_order
+from augserve.data.decoded import DecodedCache
 from augserve.data.reading import read_sources
 from augserve.streaming import groups
 from augserve.streaming.counters import Counters
 from augserve.streaming.cursor import Cursor, EpochLayout, shard_samples
+from augserve.streaming.decoding import BatchDecode, DecodeGroup, DecodeTally
 from augserve.streaming.keys import StreamKey
 from augserve.streaming.scheduler import FairScheduler
 from augserve.streaming.slots import ProducedBatch, SlotTable
@@ -48,6 +61,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 WAIT_SECONDS = 1.0  # longest a waiting producer sleeps before it looks again (gathering deadline)
+SHARING_READ_AHEAD = 2  # batches a producer of a decode group with others reads and plans ahead
+
+
+class _Stopped(Exception):
+    """The producer stopped before its batch's turn at the backend came."""
 
 
 @dataclass(frozen=True)
@@ -85,6 +103,9 @@ class Producer:
         wake_manager: threading.Event,
         expected_members: int = 1,
         read_ahead: int | None = None,
+        decode_group: DecodeGroup | None = None,
+        decoded_cache: DecodedCache | None = None,
+        expected_order_sessions: int = 0,
     ) -> None:
         self.id = next(self._ids)
         self.condition = threading.Condition()
@@ -107,6 +128,16 @@ class Producer:
         self.stopped = False  # asked to stop, or done
         self.finished = False  # the thread has returned: the ring is no longer written
         self.blocked = False  # members need batches but every slot is held
+        self.at_ceiling = False  # a detached member's producer whose member waits at its old group's window
+        # Cursor of the oldest batch still in the ring (else the next to make): where a detached
+        # member may rejoin. Replaced whole (a tuple) under the condition; read without it.
+        self.window_start: Cursor = cursor
+        self.ceiling_source: Producer | None = None  # the group a detached member may rejoin
+        self.decode_group = decode_group
+        self.expected_order_sessions = expected_order_sessions
+        self.decode_tally = DecodeTally()
+        self.detaches = 0  # members moved off this producer (metrics; manager lock held)
+        self.rejoins = 0  # detached members that came back to it
         self._holdings: dict[str, set[int]] = {}  # session id -> sequences it still references
         self._epoch_skipped: dict[int, int] = {}
         self._order_epoch = -1
@@ -118,14 +149,21 @@ class Producer:
         self._policy = BadImagePolicy(key.on_bad_image, key.max_decoded_pixels)
         self._group_wait_seconds = group_wait_seconds
         self._wake_manager = wake_manager
+        self._decoded_cache = decoded_cache if decoded_cache is not None and decoded_cache.enabled else None
+        self._decodes_apart = decodes_apart(backend)
         self._created = time.monotonic()
         read_ahead = read_ahead_batches(backend) if read_ahead is None else read_ahead
         if read_ahead < 0:
             raise ValueError(f"read_ahead: {read_ahead} is below 0")
         self._read_ahead = read_ahead
+        # Sharing decodes, a producer reads and plans one batch ahead at least, so that it is
+        # registered with the batch's decoder before the decoder's turn comes (decode groups).
+        self._sharing_read_ahead = max(read_ahead, SHARING_READ_AHEAD) if self._decodes_apart else read_ahead
         self._dispatched: deque[Dispatched] = deque()  # in sequence order
         self._dispatch_cursor = cursor  # where the next batch handed to a worker starts
-        self._workers = ThreadPoolExecutor(read_ahead + 1, thread_name_prefix=f"augserve-producer-{self.id}-batch")
+        self._workers = ThreadPoolExecutor(
+            self._sharing_read_ahead + 1, thread_name_prefix=f"augserve-producer-{self.id}-batch"
+        )
         self._thread = threading.Thread(target=self._run, name=f"augserve-producer-{self.id}", daemon=True)
 
     @property
@@ -180,9 +218,32 @@ class Producer:
 
     # --- the production loop ---
 
+    def held_up(self) -> bool:
+        """Whether it cannot make its next batch now, its members holding every slot (read
+        without the condition: a hint for decode groups)."""
+        return self.blocked
+
+    def ceiling(self) -> Cursor | None:
+        """The first cursor this producer leaves to its member's old group (None: all)."""
+        source = self.ceiling_source
+        if source is None or source.stopped:
+            return None
+        return source.window_start
+
     def _may_dispatch(self) -> bool:
         """Whether the next batch may go to a worker now (the caller holds the condition)."""
-        return len(self._dispatched) <= self._read_ahead and groups.may_produce(
+        below = groups.below_ceiling(self._dispatch_cursor, self.ceiling())
+        # Its member took everything up to the group's window: the group can take it back now.
+        waiting = not below and not self._dispatched and bool(self.members) and all(
+            member.next_sequence >= self.next_sequence for member in self.members
+        )
+        if waiting and not self.at_ceiling:
+            self._wake_manager.set()
+        self.at_ceiling = waiting
+        group = self.decode_group
+        sharing = group is not None and group.producers > 1
+        read_ahead = self._sharing_read_ahead if sharing else self._read_ahead
+        return len(self._dispatched) <= read_ahead and groups.may_produce(
             members=len(self.members),
             expected_members=self.expected_members,
             produced=self.next_sequence + len(self._dispatched),
@@ -191,6 +252,9 @@ class Producer:
             needed_until_epoch=groups.needed_until([member.end_epoch for member in self.members]),
             cursor_epoch=self._dispatch_cursor[0],
             has_slot=self.slots.has_slot(),
+            order_sessions=0 if group is None else group.sessions_opened,
+            expected_order_sessions=self.expected_order_sessions,
+            below_ceiling=below,
         )
 
     def _order_for(self, epoch: int) -> np.ndarray:
@@ -204,29 +268,64 @@ class Producer:
     def _dispatch(self) -> None:
         """Hand the batch at the dispatch cursor to a worker, with a slot (condition held)."""
         slot = self.slots.take_slot()
+        self._update_window_start()
         cursor = self._dispatch_cursor
         ids = self._order_for(cursor[0])[cursor[1] : cursor[1] + self.key.batch_size]
         sequence = self.next_sequence + len(self._dispatched)
         self._dispatch_cursor = self.layout.next_cursor(cursor)
-        made = self._workers.submit(self._make, slot, cursor[0], ids.tolist())
+        until = groups.needed_until([member.end_epoch for member in self.members])
+        made = self._workers.submit(self._make, slot, cursor, ids.tolist(), until)
         self._dispatched.append(Dispatched(sequence, cursor, slot, made))
 
-    def _make(self, slot: int, epoch: int, ids: list[int]) -> tuple[Batch, float] | None:
-        """One batch into its slot, on a worker: read the files, then augment at a turn. None
-        when the producer stopped before the backend took it (nobody waits for it then)."""
+    def _update_window_start(self) -> None:
+        oldest = self.slots.oldest()
+        self.window_start = self.cursor if oldest is None else self.slots.get(oldest).cursor
+
+    def _decode_step(self, cursor: Cursor, until_epoch: int | None) -> BatchDecode | None:
+        """Where the batch at `cursor` takes its decoded images from (None: the backend
+        decodes inside its own pipeline)."""
+        if not self._decodes_apart:
+            return None
+        return BatchDecode(
+            producer_id=self.id, cursor=cursor, following=self.layout.next_cursor(cursor), until_epoch=until_epoch,
+            group=self.decode_group, cache=self._decoded_cache, tally=self.decode_tally, on_done=self._count_decodes,
+        )
+
+    def _count_decodes(self, decoded: int, shared: int, cached: int) -> None:
+        self._counters.add(images_decoded=decoded, decode_shared=shared, decode_cached=cached)
+
+    def _make(self, slot: int, cursor: Cursor, ids: list[int], until_epoch: int | None) -> tuple[Batch, float] | None:
+        """One batch into its slot, on a worker: read the files (or take the read of the
+        batch's decoder in the decode group) and draw the plans, then augment at a turn (or
+        have the decoder augment it). None when the producer stopped before the backend took
+        it (nobody waits for it then)."""
         started = time.perf_counter()
         if self.stopped:
             return None
-        sources = read_sources(self.dataset.manifest, ids)
         out = self.ring.view_for_writing(slot, (len(ids), *self.output_size, 3))
+        decoded = self._decode_step(cursor, until_epoch)
+        read_files = partial(read_sources, self.dataset.manifest, ids)
+        try:
+            sources = read_files() if decoded is None else decoded.read(read_files)
+            prepared = prepare_batch(self.spec, self.key.seed, cursor[0], sources, self._policy, out=out, headers=self._headers)
+            result = run_batch(self._backend, prepared, decoded, self._turn)
+        except _Stopped:
+            return None
+        finally:
+            if decoded is not None:
+                decoded.close()
+        batch = finish_batch(prepared, result)
+        if decoded is None:
+            self._counters.add(images_decoded=len(batch.sample_ids))
+        return batch, time.perf_counter() - started
+
+    @contextmanager
+    def _turn(self) -> Iterator[None]:
+        """A fair turn at the backend; _Stopped instead when the producer stopped meanwhile."""
         with self._scheduler.turn():
             if self.stopped:
-                return None
-            batch = augment_batch(
-                self._backend, self.spec, self.key.seed, epoch, sources, self._policy,
-                out=out, headers=self._headers,
-            )
-        return batch, time.perf_counter() - started
+                raise _Stopped
+            yield
 
     def _run(self) -> None:
         try:
@@ -267,6 +366,8 @@ class Producer:
                 self._counters.add(images_skipped=len(batch.skipped))
         finally:
             self._settle()
+            if self.decode_group is not None:
+                self.decode_group.leave(self.id)
             with self.condition:
                 self.stopped = True
                 self.finished = True
@@ -312,3 +413,4 @@ class Producer:
                 self.hold(member.id, sequence)
         self.next_sequence += 1
         self.cursor = next_cursor
+        self._update_window_start()

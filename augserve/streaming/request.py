@@ -31,3 +31,4 @@ class SessionRequest:
     shm_probe_name: str
     shm_probe_nonce: bytes
     max_chunk_bytes: int = 0  # in-band: most pixel bytes per Chunk message; 0: the default
+    decode_group_size: int = 0  # sessions expected on this dataset order, any spec (a new producer waits for them)

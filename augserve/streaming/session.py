@@ -10,6 +10,7 @@ messages.
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from typing import Iterator
 
 import numpy as np
 
-from augserve.core.errors import IdleError, UnavailableError
+from augserve.core.errors import IdleError, SpecError, UnavailableError
 from augserve.streaming.counters import Counters
 from augserve.streaming.credits import CreditWindow
 from augserve.streaming.cursor import Cursor
@@ -103,6 +104,7 @@ class Session:
         prefetch: int,
         counters: Counters,
         idle_seconds: float = float("inf"),
+        max_pause_seconds: float = 600.0,
     ) -> None:
         self.id = f"s{next(self._ids)}"
         self.request = request
@@ -121,6 +123,12 @@ class Session:
         self.last_consumed = time.monotonic()
         self.last_activity = self.last_consumed  # any client message or delivery
         self.idle_seconds = idle_seconds
+        # A pause the client announced ends here (time.monotonic()); in the past: not paused.
+        self.paused_until = 0.0
+        self.max_pause_seconds = max_pause_seconds
+        # The group this session was detached from, while it may go back to it (the manager's).
+        self.detached_from: Producer | None = None
+        self.detached_at = 0.0  # time.monotonic() of the latest detach
         self.cancelled = False
         self.failure: Exception | None = None
         self.facts: StreamFacts | None = None
@@ -172,6 +180,32 @@ class Session:
                 owner[0].drop(self.id, owner[1])
                 owner[0].condition.notify_all()
 
+    def pause(self, seconds: float) -> None:
+        """The client stops reading for up to `seconds` (validation, a checkpoint; 0: the
+        server's `max_pause_seconds`): its group waits for it rather than detaching it as
+        stalled. A pause ends at most `max_pause_seconds` after the session last consumed a
+        batch, however often it is renewed, so no client holds its group back for longer."""
+        if not math.isfinite(seconds) or seconds < 0:
+            raise SpecError("pause.seconds", f"{seconds} is not a number of seconds >= 0")
+        with self.locked() as producer:
+            now = time.monotonic()
+            length = self.max_pause_seconds if seconds == 0 else min(seconds, self.max_pause_seconds)
+            self.paused_until = min(now + length, self.last_consumed + self.max_pause_seconds)
+            self.last_activity = now
+            self._counters.add(pauses=1)
+            producer.condition.notify_all()
+
+    def resume(self) -> None:
+        """The client reads again: a pause in progress ends now (its stall clock starts now)."""
+        with self.locked() as producer:
+            now = time.monotonic()
+            self.paused_until = min(self.paused_until, now)
+            self.last_activity = now
+            producer.condition.notify_all()
+
+    def paused(self, now: float) -> bool:
+        return self.paused_until > now
+
     def fail(self, error: Exception) -> None:
         """End the stream with `error` at its next step."""
         with self.locked() as producer:
@@ -222,7 +256,7 @@ class Session:
                         raise producer.error
                     if ready is None and producer.stopped:
                         raise UnavailableError("the producer of this stream stopped; reconnect with the last resume token")
-                    if ready is not None and time.monotonic() - self.last_activity > self.idle_seconds:
+                    if ready is not None and time.monotonic() - max(self.last_activity, self.paused_until) > self.idle_seconds:
                         raise IdleError(
                             f"closed: batches were ready but no credit came for {self.idle_seconds:g} s "
                             "(limit idle_session_seconds); reopen with the last resume token"

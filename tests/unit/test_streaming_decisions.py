@@ -154,3 +154,65 @@ class TestStragglers:
     def test_the_member_furthest_ahead_always_stays(self) -> None:
         members = [member("a", behind=2, idle=50.0), member("b", behind=5, idle=40.0)]
         assert groups.stragglers(members, blocked=True, window=8, stall_seconds=30.0) == [groups.Detach("b", "stalled")]
+
+
+class TestPausedMembers:
+    def test_a_paused_member_is_not_detached_as_stalled(self) -> None:
+        paused = groups.MemberView("b", 3, True, "lockstep", 99.0, paused=True)
+        assert groups.stragglers([member("a"), paused], blocked=True, window=8, stall_seconds=30.0) == []
+
+    def test_a_paused_detach_member_a_window_behind_still_goes(self) -> None:
+        paused = groups.MemberView("b", 8, True, "detach", 99.0, paused=True)
+        assert groups.stragglers([member("a"), paused], blocked=True, window=8, stall_seconds=30.0) == [
+            groups.Detach("b", "fell behind its group")
+        ]
+
+
+class TestOrderGathering:
+    def test_a_new_producer_waits_for_the_sessions_announced_on_its_order(self) -> None:
+        assert not may_produce(members=1, expected_members=1, order_sessions=2, expected_order_sessions=4)
+        assert may_produce(members=1, expected_members=1, order_sessions=4, expected_order_sessions=4)
+        assert may_produce(members=1, expected_members=1, order_sessions=2, expected_order_sessions=4, waited_seconds=31.0)
+        assert may_produce(members=1, expected_members=1, order_sessions=2, expected_order_sessions=4, produced=3)
+
+
+class TestCeiling:
+    def test_a_detached_members_producer_stops_where_its_group_still_holds_batches(self) -> None:
+        assert groups.below_ceiling((0, 8), None)
+        assert groups.below_ceiling((0, 8), (0, 16))
+        assert not groups.below_ceiling((0, 16), (0, 16))
+        assert not groups.below_ceiling((1, 0), (0, 16))
+        assert not may_produce(below_ceiling=False)
+
+
+def detached(session_id: str = "s", sequence: int | None = 5, group_next: int = 7, policy: str = "lockstep", alive: bool = True):
+    return groups.DetachedView(session_id, policy, alive, sequence, group_next)
+
+
+class TestRejoins:
+    def test_a_member_whose_next_batch_the_group_holds_rejoins_there(self) -> None:
+        assert groups.rejoins([detached()], window=8) == [groups.Rejoin("s", 5)]
+        assert groups.rejoins([detached(sequence=7)], window=8) == [groups.Rejoin("s", 7)]  # the group's next
+
+    def test_not_while_the_group_no_longer_holds_it_or_is_gone(self) -> None:
+        assert groups.rejoins([detached(sequence=None)], window=8) == []
+        assert groups.rejoins([detached(alive=False)], window=8) == []
+
+    def test_a_detach_member_that_would_be_a_window_behind_waits(self) -> None:
+        assert groups.rejoins([detached(sequence=0, group_next=8, policy="detach")], window=8) == []
+        assert groups.rejoins([detached(sequence=1, group_next=8, policy="detach")], window=8) == [groups.Rejoin("s", 1)]
+        assert groups.rejoins([detached(sequence=0, group_next=8)], window=8) == [groups.Rejoin("s", 0)]
+
+
+class TestDecodeTakers:
+    def test_producers_that_will_still_make_the_cursor_take_it(self) -> None:
+        following = {1: (0, 8), 2: (0, 0), 3: (0, 16), 4: (0, 8)}
+        until = {1: None, 2: None, 3: None, 4: None}
+        assert groups.decode_takers(1, (0, 8), following, until) == {2, 4}  # 3 is past it
+
+    def test_producers_whose_members_end_before_its_epoch_do_not(self) -> None:
+        assert groups.decode_takers(1, (2, 0), {1: (2, 8), 2: (1, 0), 3: (0, 0)}, {1: None, 2: 2, 3: 3}) == {3}
+
+    def test_a_member_that_has_not_read_since_it_was_detached_stays_out(self) -> None:
+        still = groups.DetachedView("s", "lockstep", True, 5, 7, consumed_since_detach=False)
+        assert groups.rejoins([still], window=8) == []

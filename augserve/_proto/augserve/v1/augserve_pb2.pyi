@@ -120,7 +120,7 @@ class AugmentSpec(_message.Message):
     def __init__(self, ops: _Optional[_Iterable[_Union[Op, _Mapping]]] = ..., fill_mode: _Optional[str] = ..., fill_value: _Optional[int] = ...) -> None: ...
 
 class OpenSession(_message.Message):
-    __slots__ = ("dataset", "split", "spec", "batch_size", "seed", "epochs", "shard_index", "shard_count", "transport", "prefetch", "resume_token", "on_bad_image", "drop_last", "eval_size", "group_policy", "shm_probe_name", "shm_probe_nonce", "group_size", "max_chunk_bytes", "compression", "compression_level")
+    __slots__ = ("dataset", "split", "spec", "batch_size", "seed", "epochs", "shard_index", "shard_count", "transport", "prefetch", "resume_token", "on_bad_image", "drop_last", "eval_size", "group_policy", "shm_probe_name", "shm_probe_nonce", "group_size", "max_chunk_bytes", "compression", "compression_level", "decode_group_size")
     DATASET_FIELD_NUMBER: _ClassVar[int]
     SPLIT_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
@@ -142,6 +142,7 @@ class OpenSession(_message.Message):
     MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     COMPRESSION_FIELD_NUMBER: _ClassVar[int]
     COMPRESSION_LEVEL_FIELD_NUMBER: _ClassVar[int]
+    DECODE_GROUP_SIZE_FIELD_NUMBER: _ClassVar[int]
     dataset: str
     split: Split
     spec: AugmentSpec
@@ -163,7 +164,8 @@ class OpenSession(_message.Message):
     max_chunk_bytes: int
     compression: Compression
     compression_level: int
-    def __init__(self, dataset: _Optional[str] = ..., split: _Optional[_Union[Split, str]] = ..., spec: _Optional[_Union[AugmentSpec, _Mapping]] = ..., batch_size: _Optional[int] = ..., seed: _Optional[int] = ..., epochs: _Optional[int] = ..., shard_index: _Optional[int] = ..., shard_count: _Optional[int] = ..., transport: _Optional[_Union[Transport, str]] = ..., prefetch: _Optional[int] = ..., resume_token: _Optional[bytes] = ..., on_bad_image: _Optional[_Union[BadImagePolicy, str]] = ..., drop_last: _Optional[bool] = ..., eval_size: _Optional[_Iterable[int]] = ..., group_policy: _Optional[_Union[GroupPolicy, str]] = ..., shm_probe_name: _Optional[str] = ..., shm_probe_nonce: _Optional[bytes] = ..., group_size: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., compression: _Optional[_Union[Compression, str]] = ..., compression_level: _Optional[int] = ...) -> None: ...
+    decode_group_size: int
+    def __init__(self, dataset: _Optional[str] = ..., split: _Optional[_Union[Split, str]] = ..., spec: _Optional[_Union[AugmentSpec, _Mapping]] = ..., batch_size: _Optional[int] = ..., seed: _Optional[int] = ..., epochs: _Optional[int] = ..., shard_index: _Optional[int] = ..., shard_count: _Optional[int] = ..., transport: _Optional[_Union[Transport, str]] = ..., prefetch: _Optional[int] = ..., resume_token: _Optional[bytes] = ..., on_bad_image: _Optional[_Union[BadImagePolicy, str]] = ..., drop_last: _Optional[bool] = ..., eval_size: _Optional[_Iterable[int]] = ..., group_policy: _Optional[_Union[GroupPolicy, str]] = ..., shm_probe_name: _Optional[str] = ..., shm_probe_nonce: _Optional[bytes] = ..., group_size: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., compression: _Optional[_Union[Compression, str]] = ..., compression_level: _Optional[int] = ..., decode_group_size: _Optional[int] = ...) -> None: ...
 
 class Credit(_message.Message):
     __slots__ = ("batches",)
@@ -177,15 +179,29 @@ class ReleaseSlot(_message.Message):
     sequence: int
     def __init__(self, sequence: _Optional[int] = ...) -> None: ...
 
+class Pause(_message.Message):
+    __slots__ = ("seconds",)
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    seconds: float
+    def __init__(self, seconds: _Optional[float] = ...) -> None: ...
+
+class Resume(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class ClientMessage(_message.Message):
-    __slots__ = ("open", "credit", "release")
+    __slots__ = ("open", "credit", "release", "pause", "resume")
     OPEN_FIELD_NUMBER: _ClassVar[int]
     CREDIT_FIELD_NUMBER: _ClassVar[int]
     RELEASE_FIELD_NUMBER: _ClassVar[int]
+    PAUSE_FIELD_NUMBER: _ClassVar[int]
+    RESUME_FIELD_NUMBER: _ClassVar[int]
     open: OpenSession
     credit: Credit
     release: ReleaseSlot
-    def __init__(self, open: _Optional[_Union[OpenSession, _Mapping]] = ..., credit: _Optional[_Union[Credit, _Mapping]] = ..., release: _Optional[_Union[ReleaseSlot, _Mapping]] = ...) -> None: ...
+    pause: Pause
+    resume: Resume
+    def __init__(self, open: _Optional[_Union[OpenSession, _Mapping]] = ..., credit: _Optional[_Union[Credit, _Mapping]] = ..., release: _Optional[_Union[ReleaseSlot, _Mapping]] = ..., pause: _Optional[_Union[Pause, _Mapping]] = ..., resume: _Optional[_Union[Resume, _Mapping]] = ...) -> None: ...
 
 class SessionInfo(_message.Message):
     __slots__ = ("session_id", "samples_per_epoch", "batches_per_epoch", "classes", "backend", "output_size", "transport", "shm_name", "slot_bytes", "slot_count", "prefetch", "start_epoch", "start_position", "shared")

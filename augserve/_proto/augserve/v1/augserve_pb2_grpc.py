@@ -68,7 +68,8 @@ class AugmentServicer:
 
     def Stream(self, request_iterator, context):
         """One session. The client's first message is `open` (OpenSession); later ones are `credit`
-        (Credit) and, on shared memory, `release` (ReleaseSlot). The server answers with one
+        (Credit), on shared memory `release` (ReleaseSlot), and around a break in reading
+        (validation, a checkpoint) `pause` (Pause) and `resume` (Resume). The server answers with one
         SessionInfo, then Batch messages (each in-band Batch followed by its Chunk messages) and an
         EpochEnd after each epoch, then End when the asked-for epochs are done.
 
@@ -84,8 +85,9 @@ class AugmentServicer:
 
         Status codes, besides those above:
         INVALID_ARGUMENT    a first message other than open; a second open; an empty
-        ClientMessage; a bad spec, split, enum value, batch_size 0,
-        shard_index >= shard_count, seed or epochs out of range, a shard with
+        ClientMessage; a Pause of negative seconds; a bad spec, split,
+        enum value, batch_size 0, shard_index >= shard_count, seed or
+        epochs out of range, a shard with
         no samples, drop_last with fewer samples than a batch; a resume token
         not issued by a server, or for another stream; a dataset whose images
         differ in size under a spec that fixes no output size;
