@@ -73,6 +73,8 @@ EXPECTED_UNITS = {
     ("grayscale", "p"): "probability",
     ("random_erasing", "p"): "probability",
     ("cutout", "p"): "probability",
+    **{(name, "p"): "probability" for name in ("posterize", "solarize", "invert", "autocontrast", "equalize", "sharpness", "gaussian_blur")},
+    ("gaussian_blur", "sigma"): "pixels",
 }
 
 

@@ -36,7 +36,7 @@ def test_uniforms_are_keyed_by_seed_epoch_and_sample():
 def plan_numbers(plan: SamplePlan) -> tuple:
     """Everything a backend reads from a plan, in comparable form."""
     color = None if plan.color is None else plan.color.tobytes()
-    return (plan.sample_id, plan.output_size, plan.warp.tobytes(), color, plan.erase_steps, plan.source_window)
+    return (plan.sample_id, plan.output_size, plan.warp.tobytes(), color, plan.erase_steps, plan.pixel_steps, plan.source_window)
 
 
 def test_plans_do_not_depend_on_order_or_on_other_draws():

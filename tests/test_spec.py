@@ -29,6 +29,16 @@ ops:
   - saturation: {factor: 0.3}
   - hue: {degrees: 15}
   - grayscale: {p: 0.2}
+  - posterize: {bits: 5}
+  - solarize: {threshold: 200, p: 0.3}
+  - invert: {p: 0.1}
+  - autocontrast: {}
+  - equalize: {p: 0.2}
+  - sharpness: {factor: [0.5, 2.0]}
+  - gaussian_blur: {sigma: [0.1, 1.5], p: 0.3}
+  - rand_augment: {num_ops: 2, magnitude: 9}
+  - trivial_augment_wide: {}
+  - auto_augment: {policy: imagenet}
   - random_erasing: {p: 0.5}
   - cutout: {size: 8, holes: 3, value: 127}
 """

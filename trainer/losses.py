@@ -2,7 +2,9 @@
 
 ``loss_function = build_loss(config)``; ``parts = loss_function(logits, labels, model)`` returns
 `LossParts`: the data loss (mean over the batch), the penalty and their sum, each a scalar
-float32 tensor; call ``parts.total.backward()``. Labels are always class indices ``[N] int64``.
+float32 tensor; call ``parts.total.backward()``. Labels are class indices ``[N] int64``, or soft
+targets ``[N, num_classes]`` float (class probabilities, rows summing to 1: MixUp and CutMix,
+`trainer.mixing`), which every data loss takes as well.
 
 Data losses (``LossConfig.name``), each on logits ``[N, loss_function.output_size(num_classes)]``:
 
@@ -53,7 +55,8 @@ class DataLoss:
         return num_classes
 
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Mean loss over the batch: logits [N, outputs] float, labels [N] int64 -> scalar."""
+        """Mean loss over the batch: logits [N, outputs] float, labels [N] int64 or soft
+        targets [N, num_classes] float -> scalar."""
         raise NotImplementedError
 
     def predictions(self, logits: torch.Tensor) -> torch.Tensor:
@@ -70,7 +73,8 @@ register_loss = registrar("loss", DATA_LOSSES)
 @register_loss("cross_entropy")
 class CrossEntropy(DataLoss):
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits, labels)
+        # Soft targets: the cross-entropy with each row's class probabilities.
+        return F.cross_entropy(logits, labels.to(logits.dtype) if labels.is_floating_point() else labels)
 
 
 @register_loss("binary_cross_entropy")
@@ -87,7 +91,9 @@ class BinaryCrossEntropy(DataLoss):
             raise ValueError(
                 f"binary_cross_entropy expects logits [N, 1], got {list(logits.shape)}"
             )
-        return F.binary_cross_entropy_with_logits(logits[:, 0], labels.to(logits.dtype))
+        # Soft targets [N, 2]: P(class 1) is the target of the one logit.
+        target = labels[:, 1] if labels.dim() == 2 else labels
+        return F.binary_cross_entropy_with_logits(logits[:, 0], target.to(logits.dtype))
 
     def predictions(self, logits: torch.Tensor) -> torch.Tensor:
         return (logits[:, 0] > 0).long()
@@ -97,7 +103,10 @@ class BinaryCrossEntropy(DataLoss):
 class MeanSquaredError(DataLoss):
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         probabilities = logits.softmax(dim=1)
-        targets = F.one_hot(labels, num_classes=logits.shape[1]).to(probabilities.dtype)
+        if labels.is_floating_point():
+            targets = labels.to(probabilities.dtype)
+        else:
+            targets = F.one_hot(labels, num_classes=logits.shape[1]).to(probabilities.dtype)
         return F.mse_loss(probabilities, targets)
 
 
@@ -174,8 +183,8 @@ class LossFunction:
         return penalty
 
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor, model: nn.Module) -> LossParts:
-        """logits [N, output_size] float32, labels [N] int64 class indices, the model that made
-        the logits (for the penalty)."""
+        """logits [N, output_size] float32, labels [N] int64 class indices or [N, classes]
+        soft targets, the model that made the logits (for the penalty)."""
         data = self.data_loss(logits, labels)
         penalty = self.penalty(model)
         return LossParts(data=data, penalty=penalty, total=data + penalty)

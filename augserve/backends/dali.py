@@ -3,8 +3,12 @@
 Encoded bytes and per-sample numbers enter through `external_source`; `decoders.image_slice`
 decodes only the plan's source window (device `mixed` on a GPU, `cpu` with `device_id=None`
 for CPU-only runs); one `warp_affine` (its output size a per-sample input), one
-`coord_transform` for the colour matrix, and one `erase` per erasing op (its fill a per-sample
-input). DALI is imported here only, so the rest of augserve runs without it.
+`coord_transform` for the colour matrix, the per-pixel stage (one place per pixel step, where
+DALI's conditionals send each sample down the branch of its step's kind: `&` for posterize,
+arithmetic for solarize, `reductions.min/max` and integer arithmetic for autocontrast,
+`equalize`, a per-sample 3x3 `filter` for sharpness, `gaussian_blur`; every parameter a
+per-sample input), and one `erase` per erasing op (its fill a per-sample input). DALI is
+imported here only, so the rest of augserve runs without it.
 
 How a batch runs: each cached pipeline has one thread of its own, the only one that calls it
 (DALI's Python `Pipeline` is not meant for calls from several threads). Callers hand it a job
@@ -44,7 +48,8 @@ from augserve.backends.base import (
     output_size_of,
 )
 from augserve.core.errors import BackendError, SpecError
-from augserve.core.ops.canvas import EraseStep
+from augserve.core.ops.canvas import IDENTITY_STEP, PIXEL_KINDS, EraseStep, PixelStep
+from augserve.core.ops.pixel import blur_radius, sharpness_kernel
 from augserve.core.plan import SamplePlan
 
 log = logging.getLogger(__name__)
@@ -63,6 +68,9 @@ DEFAULT_READ_AHEAD_BATCHES = 2  # batches each producer reads and plans while DA
 DEFAULT_PIPELINES_PER_SHAPE = 1
 DEFAULT_MAX_PIPELINES = 8
 MAX_ERASE_OPS = 8  # erasing ops one pipeline runs (the graph has one `erase` each)
+MAX_PIXEL_STEPS = 16  # pixel steps one pipeline runs (the graph has one place each)
+# A pixel step's kind as the per-sample number its place in the graph branches on.
+PIXEL_KIND_CODES = {kind: code for code, kind in enumerate(PIXEL_KINDS)}
 DISPLACED_RETRIES = 8  # times a batch moves on when other batches broke its pipeline
 
 # DALI reports allocation failures and CUDA errors as RuntimeError text.
@@ -151,6 +159,7 @@ class PipelineShape:
     fill_value: int
     has_color: bool
     erase_ops: int
+    pixel_steps: int = 0
 
     @classmethod
     def of_batch(cls, plans: Sequence[SamplePlan]) -> PipelineShape:
@@ -162,13 +171,21 @@ class PipelineShape:
             first.fill_value if first.fill_mode == "constant" else 0,
             any(plan.color is not None for plan in plans),
             len(first.erase_steps),
+            len(first.pixel_steps),
         )
         for plan in plans:
-            if (plan.interpolation, plan.fill_mode, plan.fill_value, len(plan.erase_steps)) != (
+            if (
+                plan.interpolation,
+                plan.fill_mode,
+                plan.fill_value,
+                len(plan.erase_steps),
+                len(plan.pixel_steps),
+            ) != (
                 first.interpolation,
                 first.fill_mode,
                 first.fill_value,
                 shape.erase_ops,
+                shape.pixel_steps,
             ):
                 raise ValueError("plans of one batch must come from one spec")
         if shape.erase_ops > MAX_ERASE_OPS:
@@ -176,12 +193,19 @@ class PipelineShape:
                 "spec.ops",
                 f"{shape.erase_ops} erasing ops; the DALI backend runs at most {MAX_ERASE_OPS}",
             )
+        if shape.pixel_steps > MAX_PIXEL_STEPS:
+            raise SpecError(
+                "spec.ops",
+                f"{shape.pixel_steps} pixel steps (per-pixel ops, policy sub-ops); the DALI "
+                f"backend runs at most {MAX_PIXEL_STEPS}",
+            )
         return shape
 
     def __str__(self) -> str:
         fill = f"constant {self.fill_value}" if self.fill_mode == "constant" else self.fill_mode
         colour = "colour" if self.has_color else "no colour"
-        return f"{self.interpolation}, fill {fill}, {colour}, {self.erase_ops} erase op(s)"
+        pixel = f", {self.pixel_steps} pixel step(s)" if self.pixel_steps else ""
+        return f"{self.interpolation}, fill {fill}, {colour}{pixel}, {self.erase_ops} erase op(s)"
 
 
 def dali_warp_matrix(plan: SamplePlan) -> np.ndarray:
@@ -209,12 +233,23 @@ def build_pipeline(
     # DALI clamps to the border pixel when no fill value is given: fill_mode "nearest".
     fill_value = float(shape.fill_value) if shape.fill_mode == "constant" else None
 
+    on_gpu = device_id is not None
+    kinds = PIXEL_KIND_CODES
+
+    def to_images_device(node):
+        # Per-sample numbers come in on the CPU; positional and arithmetic inputs must be on
+        # the device of the images they meet (argument inputs stay on the CPU).
+        return node.gpu() if on_gpu else node
+
+    # DALI's conditionals (per-sample `if`) only where there is a pixel stage, so every other
+    # pipeline stays the graph it always was.
     @pipeline_def(
         batch_size=batch_size,
         num_threads=threads,
         device_id=device_id,
         exec_dynamic=True,
         prefetch_queue_depth=prefetch_depth,
+        enable_conditionals=shape.pixel_steps > 0,
     )
     def augment_pipeline():
         encoded = fn.external_source(name="encoded", dtype=types.UINT8)
@@ -242,6 +277,44 @@ def build_pipeline(
         if shape.has_color:
             color = fn.external_source(name="color", dtype=types.FLOAT)
             images = fn.coord_transform(images, MT=color, dtype=types.UINT8)
+        for index in range(shape.pixel_steps):
+            # One place of the pixel stage: each sample takes the branch of its step's kind
+            # (identity: none). Inputs come from outside the branches (DALI splits them).
+            kind = fn.external_source(name=f"pixel_kind_{index}", dtype=types.INT32)
+            mask = to_images_device(
+                fn.external_source(name=f"pixel_mask_{index}", dtype=types.UINT8)
+            )
+            threshold = to_images_device(
+                fn.external_source(name=f"pixel_threshold_{index}", dtype=types.INT16)
+            )
+            kernel = to_images_device(
+                fn.external_source(name=f"pixel_kernel_{index}", dtype=types.FLOAT)
+            )
+            sigma = fn.external_source(name=f"pixel_sigma_{index}", dtype=types.FLOAT)
+            window = fn.external_source(name=f"pixel_window_{index}", dtype=types.INT32)
+            if kind == kinds["posterize"]:
+                images = images & mask
+            elif kind == kinds["solarize"]:
+                values = fn.cast(images, dtype=types.INT16)
+                inverted = fn.cast(values >= threshold, dtype=types.INT16)
+                images = fn.cast(values + inverted * (255 - 2 * values), dtype=types.UINT8)
+            elif kind == kinds["autocontrast"]:
+                values = fn.cast(images, dtype=types.INT32)
+                low = fn.cast(fn.reductions.min(images, axes=[0, 1]), dtype=types.INT32)
+                high = fn.cast(fn.reductions.max(images, axes=[0, 1]), dtype=types.INT32)
+                # Per channel: floor(255 (v - low) / (high - low)); a flat channel keeps its
+                # values (low 0, 1 / 1).
+                stretch = fn.cast(high > low, dtype=types.INT32)
+                numerator = 1 + 254 * stretch
+                denominator = (high - low) * stretch + (1 - stretch)
+                stretched = ((values - low * stretch) * numerator) // denominator
+                images = fn.cast(stretched, dtype=types.UINT8)
+            elif kind == kinds["equalize"]:
+                images = fn.equalize(images)
+            elif kind == kinds["sharpness"]:
+                images = fn.filter(images, kernel, border="reflect_101")
+            elif kind == kinds["blur"]:
+                images = fn.gaussian_blur(images, sigma=sigma, window_size=window)
         for index in range(shape.erase_ops):
             erase_anchor = fn.external_source(name=f"erase_anchor_{index}", dtype=types.FLOAT)
             erase_shape = fn.external_source(name=f"erase_shape_{index}", dtype=types.FLOAT)
@@ -277,6 +350,8 @@ def pipeline_feeds(
     }
     if shape.has_color:
         feeds["color"] = [IDENTITY_COLOR if plan.color is None else plan.color for plan in plans]
+    for index in range(shape.pixel_steps):
+        feeds.update(pixel_feeds(index, [plan.pixel_steps[index] for plan in plans]))
     for index in range(shape.erase_ops):
         steps = [plan.erase_steps[index] for plan in plans]
         feeds[f"erase_anchor_{index}"] = [
@@ -289,6 +364,47 @@ def pipeline_feeds(
         ]
         feeds[f"erase_fill_{index}"] = [np.array([step.value], np.float32) for step in steps]
     return feeds
+
+
+IDENTITY_KERNEL = sharpness_kernel(1.0)
+# Neutral numbers for the inputs a step's kind does not read (its branch never sees them).
+NEUTRAL_MASK = np.array(0xFF, np.uint8)
+NEUTRAL_THRESHOLD = np.array(256, np.int16)
+NEUTRAL_SIGMA = np.array(1.0, np.float32)
+NEUTRAL_WINDOW = np.array(3, np.int32)
+
+
+def pixel_feeds(index: int, steps: Sequence[PixelStep]) -> Feeds:
+    """The inputs of pixel-stage place `index` for one step per sample: its kind's code and
+    each kind's numbers (posterize's bit mask, solarize's threshold, sharpness's 3x3 weights,
+    blur's sigma and window), neutral where the step is of another kind."""
+    kinds, masks, thresholds, kernels, sigmas, windows = [], [], [], [], [], []
+    for step in steps:
+        kinds.append(np.array(PIXEL_KIND_CODES[step.kind], np.int32))
+        mask, threshold, kernel = NEUTRAL_MASK, NEUTRAL_THRESHOLD, IDENTITY_KERNEL
+        sigma, window = NEUTRAL_SIGMA, NEUTRAL_WINDOW
+        if step.kind == "posterize":
+            mask = np.array((0xFF << (8 - int(step.amount))) & 0xFF, np.uint8)
+        elif step.kind == "solarize":
+            threshold = np.array(int(step.amount), np.int16)
+        elif step.kind == "sharpness":
+            kernel = sharpness_kernel(step.amount)
+        elif step.kind == "blur":
+            sigma = np.array(step.amount, np.float32)
+            window = np.array(2 * blur_radius(step.amount) + 1, np.int32)
+        masks.append(mask)
+        thresholds.append(threshold)
+        kernels.append(kernel)
+        sigmas.append(sigma)
+        windows.append(window)
+    return {
+        f"pixel_kind_{index}": kinds,
+        f"pixel_mask_{index}": masks,
+        f"pixel_threshold_{index}": thresholds,
+        f"pixel_kernel_{index}": kernels,
+        f"pixel_sigma_{index}": sigmas,
+        f"pixel_window_{index}": windows,
+    }
 
 
 # --- known-good pictures every pipeline must reproduce --------------------------------------
@@ -333,7 +449,7 @@ def known_good() -> KnownGood:
 
 def known_good_plan(shape: PipelineShape) -> SamplePlan:
     """A plan of `shape` that copies a known-good picture unchanged (identity warp and colour,
-    empty erasing)."""
+    identity pixel steps, empty erasing)."""
     side = KNOWN_GOOD_SIDE
     return SamplePlan(
         sample_id=0,
@@ -346,6 +462,7 @@ def known_good_plan(shape: PipelineShape) -> SamplePlan:
         interpolation=shape.interpolation,
         fill_mode=shape.fill_mode,
         fill_value=shape.fill_value,
+        pixel_steps=(IDENTITY_STEP,) * shape.pixel_steps,
     )
 
 

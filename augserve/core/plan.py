@@ -8,6 +8,10 @@ not they fire, so adding a sample or changing a probability never shifts another
 Each op first draws a record (the plain numbers it decided, e.g. {"angle": 12.3}), then applies
 it to the sample's canvas; a plan keeps its records (`SamplePlan.draws`), `explain_plan` shows
 them and `plan_from_draws` rebuilds the plan from them alone.
+
+A plan runs in three stages: one warp (every geometric op), one colour matrix (every linear
+colour op), then the per-pixel steps (posterize, equalize, sharpness, ..., and what policies
+drew) in order; erasing comes last.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import numpy as np
 from numpy.random.bit_generator import ISeedSequence
 
 from augserve.core.errors import SpecError
-from augserve.core.ops import OPS, Canvas, EraseStep
+from augserve.core.ops import OPS, Canvas, EraseStep, PixelStep
 from augserve.core.ops.canvas import IDENTITY_COLOR, Affine, ColorAffine, invert
 from augserve.core.ops.registry import Record
 from augserve.core.spec import AugmentSpec
@@ -124,6 +128,8 @@ class SamplePlan:
     source the warp reads, clipped to the image. `color` is a [3, 4] float32 affine map on RGB
     in [0, 255] (output channel i = color[i, :3] @ rgb + color[i, 3]), or None for identity.
     `draws` holds what each op of the spec drew, in spec order (backends do not read it).
+    `pixel_steps` run in order after the colour matrix and before erasing; every plan of a spec
+    has the same number of them (identity steps included).
     """
 
     sample_id: int
@@ -137,6 +143,7 @@ class SamplePlan:
     fill_mode: str
     fill_value: int
     draws: tuple[Draw, ...] = ()
+    pixel_steps: tuple[PixelStep, ...] = ()
 
     @property
     def is_pixel_copy(self) -> bool:
@@ -218,6 +225,7 @@ def _finish_plan(
         fill_mode=spec.fill_mode,
         fill_value=spec.fill_value,
         draws=draws,
+        pixel_steps=tuple(canvas.pixel_steps),
     )
 
 

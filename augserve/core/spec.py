@@ -1,6 +1,8 @@
 """Augmentation specs: an ordered list of registered ops plus the fill of uncovered pixels.
 
-A spec is what a user asks for. It loads from and dumps to YAML and JSON (and Keras
+A spec is what a user asks for. Geometry and colour ops come first (they compose into one
+warp and one colour matrix), then per-pixel ops and policies (run in order after both), then
+erasing ops (on the final image). It loads from and dumps to YAML and JSON (and Keras
 `ImageDataGenerator` keyword arguments); every op and parameter is validated by the op registry,
 and an unknown key or out-of-range value is a `SpecError` naming the field and what is allowed.
 
@@ -77,6 +79,7 @@ class AugmentSpec:
         if len(self.ops) > MAX_OPS:
             raise SpecError("ops", f"{len(self.ops)} ops is over the limit of {MAX_OPS}")
         seen_erase = False
+        first_pixel_op = None
         for index, op in enumerate(self.ops):
             category = op.definition.category
             if category == "erase":
@@ -85,6 +88,14 @@ class AugmentSpec:
                 raise SpecError(
                     f"ops[{index}].{op.name}",
                     "erasing ops act on the final image and must come after every other op",
+                )
+            if category in ("pixel", "policy"):
+                first_pixel_op = first_pixel_op or op.name
+            elif category in ("geometry", "color") and first_pixel_op is not None:
+                raise SpecError(
+                    f"ops[{index}].{op.name}",
+                    "geometry and colour ops join the one warp and colour matrix, which run before "
+                    f"the per-pixel stage: list them before {first_pixel_op}",
                 )
         object.__setattr__(self, "uniform_count", sum(op.definition.uniforms for op in self.ops))
 

@@ -3,7 +3,9 @@
 Coordinates are pixel coordinates with pixel centres at integers (OpenCV's convention): the
 top-left pixel covers [-0.5, 0.5) and its centre is (0, 0). Geometry accumulates in one affine
 map from source coordinates to canvas coordinates; colour accumulates in one affine map on RGB
-values in [0, 255]. Erase rectangles are in output (final canvas) coordinates.
+values in [0, 255]. Pixel steps (posterize, equalize, sharpness, ...) are neither affine nor
+linear: they are kept in order and run on the uint8 image after the warp and the colour matrix,
+before erasing. Erase rectangles are in output (final canvas) coordinates.
 
 Both maps are tuples of plain Python floats, not numpy arrays: a plan is drawn per sample in a
 Python thread, and on 2x3 and 3x4 matrices numpy's per-call overhead cost several times the
@@ -62,6 +64,44 @@ class EraseStep:
     rectangles: tuple[tuple[int, int, int, int], ...]
 
 
+# Kinds of pixel step, as `PixelStep.kind` names them (see its docstring).
+PIXEL_KINDS = ("identity", "posterize", "solarize", "autocontrast", "equalize", "sharpness", "blur")
+# The smoothing kernel of sharpness (PIL's ImageFilter.SMOOTH, torchvision's adjust_sharpness).
+SMOOTH_KERNEL = ((1.0, 1.0, 1.0), (1.0, 5.0, 1.0), (1.0, 1.0, 1.0))
+SMOOTH_KERNEL_SUM = 13.0
+
+
+@dataclass(frozen=True)
+class PixelStep:
+    """One step of the per-pixel stage, on [H, W, 3] uint8 RGB, each channel alike.
+
+    - identity: nothing (an op's place in the stage that it did not use for this sample);
+    - posterize: keep the `amount` (0 to 8) high bits of every value;
+    - solarize: every value >= `amount` (an integer, 0 to 256) becomes 255 - value (0 inverts
+      every value, 256 none);
+    - autocontrast: each channel's [min, max] stretched onto [0, 255] as
+      floor(255 (v - min) / (max - min)); a channel of one value is kept;
+    - equalize: each channel's histogram equalized as OpenCV's `equalizeHist` does;
+    - sharpness: the 3x3 filter `amount` * identity + (1 - amount) * SMOOTH_KERNEL / 13
+      (a blend of the image with its smoothed self: 0 smooths, 1 keeps, 2 sharpens), border
+      pixels reflected (reflect-101), rounded and clamped;
+    - blur: a Gaussian of sigma `amount` pixels, radius ceil(3 sigma), border reflected.
+
+    A spec always gives the same number of steps (each op its fixed count), so backends build
+    one graph per count; a kind's parameters are in `amount` alone.
+    """
+
+    kind: str
+    amount: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in PIXEL_KINDS:
+            raise ValueError(f"pixel step kind {self.kind!r} is not one of {PIXEL_KINDS}")
+
+
+IDENTITY_STEP = PixelStep("identity")
+
+
 @dataclass
 class Canvas:
     """The canvas a sample is being drawn on: its size and the transforms so far.
@@ -75,6 +115,7 @@ class Canvas:
     forward: Affine = IDENTITY_AFFINE
     color: ColorAffine = IDENTITY_COLOR
     erase_steps: list[EraseStep] = field(default_factory=list)
+    pixel_steps: list[PixelStep] = field(default_factory=list)
     interpolation: str = "linear"
 
     @property

@@ -9,6 +9,13 @@ as torchvision v2's `make_params` / `transform` and albumentations' `get_params`
   the op decided for one sample.
 - `apply(record, canvas)` edits the `Canvas` from the record alone, deterministically.
 
+A class may also have `check(field, params)`, which validates a rule between its resolved
+parameters (e.g. rand_augment's magnitude below its bins) and raises `SpecError` naming `field`.
+
+Categories: "geometry" (the one warp), "color" (the one colour matrix), "pixel" (a step of the
+per-pixel stage after both), "policy" (draws which geometry, colour and pixel steps a sample
+gets: RandAugment, TrivialAugment, AutoAugment) and "erase" (the final image).
+
 Spec validation, YAML/JSON, the proto conversion and both backends all go through this registry;
 nothing else defines an op, and a name cannot be registered twice.
 """
@@ -23,7 +30,7 @@ from typing import Any, Literal, TypeVar
 from augserve.core.errors import SpecError
 from augserve.core.ops.canvas import Canvas
 
-Category = Literal["geometry", "color", "erase"]
+Category = Literal["geometry", "color", "pixel", "policy", "erase"]
 # An op's resolved parameters (name -> value, as `OpDef.parse_params` returns them).
 Params = Mapping[str, Any]
 # (height, width) of the canvas in pixels when the op runs.
@@ -32,6 +39,8 @@ CanvasSize = tuple[int, int]
 Record = Mapping[str, Any]
 DrawFunction = Callable[[Params, Sequence[float], CanvasSize], Record]
 ApplyFunction = Callable[[Any, Canvas], None]
+# check(field, resolved params): SpecError when parameters break a rule between them.
+CheckFunction = Callable[[str, Params], None]
 OpClass = TypeVar("OpClass", bound=type)
 
 
@@ -220,6 +229,7 @@ class OpDef:
     apply: ApplyFunction
     doc: str
     fixes_size: bool
+    check: CheckFunction | None = None
 
     def param(self, name: str) -> Param:
         for param in self.params:
@@ -244,6 +254,8 @@ class OpDef:
                 raise SpecError(f"{field}.{param.name}", f"required ({param.describe()})")
             else:
                 resolved[param.name] = param.default
+        if self.check is not None:
+            self.check(field, resolved)
         return resolved
 
 
@@ -261,7 +273,8 @@ def register_op(
     """Register the decorated class as op `name`; its docstring documents the op.
 
     The class holds the op's two halves as static methods, `draw(params, u, size) -> record`
-    and `apply(record, canvas)` (see the module docstring); it is returned unchanged.
+    and `apply(record, canvas)`, and optionally `check(field, params)` (see the module
+    docstring); it is returned unchanged.
     `fixes_size` marks ops whose `size` parameter is the canvas size after them for every input.
     """
 
@@ -274,7 +287,8 @@ def register_op(
             raise TypeError(f"op {name!r} ({op_class.__name__}) lacks {' and '.join(missing)}")
         doc = (op_class.__doc__ or "").strip()
         draw, apply = halves["draw"], halves["apply"]
-        OPS[name] = OpDef(name, category, params, uniforms, draw, apply, doc, fixes_size)
+        check = getattr(op_class, "check", None)
+        OPS[name] = OpDef(name, category, params, uniforms, draw, apply, doc, fixes_size, check)
         return op_class
 
     return decorate
