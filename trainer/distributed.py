@@ -1,5 +1,6 @@
-"""Data parallelism without DistributedDataParallel: ranks read disjoint shards and sum their
-gradients explicitly, so steps with uneven batches (or none, at an epoch's end) stay exact.
+"""Data parallelism with DistributedDataParallel: ranks read disjoint shards, DDP averages their
+gradients, and the loop weights them so a step's gradient is the mean over every rank's samples
+of that step, however uneven (see `trainer.loop.Trainer._step`).
 
 Under `torchrun` the environment names the rank; gloo on the CPU, NCCL on CUDA.
 """
@@ -8,10 +9,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 
 @dataclass(frozen=True)
@@ -44,24 +46,22 @@ def teardown(ranks: Ranks) -> None:
         dist.destroy_process_group()
 
 
-def sum_gradients(parameters: Iterable[torch.nn.Parameter], sample_count: int, ranks: Ranks) -> int:
-    """Sum every rank's gradients (missing ones count as zero) and sample counts; return the
-    total count. One flat all-reduce per step."""
-    parameters = [parameter for parameter in parameters if parameter.requires_grad]
+def wrap(model: torch.nn.Module, ranks: Ranks, device: torch.device) -> DistributedDataParallel | None:
+    """`model` in DistributedDataParallel when there are several ranks, else None. Gradient
+    averaging then rides on DDP's bucketed all-reduce, overlapped with the backward pass."""
     if not ranks.distributed:
-        return sample_count
-    device = parameters[0].device
-    flat = torch.cat(
-        [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in parameters]
-        + [torch.tensor([float(sample_count)], device=device)]
-    )
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    offset = 0
-    for parameter in parameters:
-        size = parameter.numel()
-        parameter.grad = flat[offset : offset + size].view_as(parameter).to(parameter.dtype)
-        offset += size
-    return int(round(flat[-1].item()))
+        return None
+    device_ids = [device.index if device.index is not None else ranks.local_rank] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids)
+
+
+def global_count(sample_count: int, ranks: Ranks, device: torch.device) -> torch.Tensor:
+    """Samples of this step on every rank together, as a float tensor on `device` (no host
+    sync: NCCL queues the all-reduce on the device's stream)."""
+    count = torch.tensor(float(sample_count), device=device)
+    if ranks.distributed:
+        dist.all_reduce(count, op=dist.ReduceOp.SUM)
+    return count
 
 
 def any_rank(flag: bool, ranks: Ranks, device: torch.device) -> bool:

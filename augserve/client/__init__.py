@@ -12,6 +12,7 @@ resume token when the server gave one).
 
 from augserve.client.connection import Client
 from augserve.client.errors import AugserveClientError
+from augserve.client.loader import AugserveLoader
 from augserve.client.stream import (
     BatchStream,
     EpochSummary,
@@ -27,6 +28,7 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "AugserveClientError",
+    "AugserveLoader",
     "BatchStream",
     "Client",
     "EpochSummary",
