@@ -3,74 +3,29 @@ server keeps serving."""
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 from pathlib import Path
 
 import grpc
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from helpers import write_pki
 
 from augserve.client import AugserveClientError, Client
+from augserve.core.spec import AugmentSpec
 from augserve.data.demo import DemoConfig, ensure_demo_dataset
 from augserve.rpc.security import TlsFiles
 from augserve.rpc.server import DatasetConfig, ServerConfig, create_server
-from augserve.core.spec import AugmentSpec
 
 SPEC = AugmentSpec.from_dict({"ops": [{"random_resized_crop": {"size": 16}}]})
-
-
-def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-
-
-def _issue(subject: str, issuer_key, issuer_name, key, is_ca: bool, server: bool) -> x509.Certificate:
-    now = datetime.datetime.now(datetime.timezone.utc)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(_name(subject))
-        .issuer_name(issuer_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=is_ca, path_length=None), critical=True)
-    )
-    if server:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-    return builder.sign(issuer_key, hashes.SHA256())
-
-
-def _write(folder: Path, name: str, certificate: x509.Certificate, key) -> tuple[str, str]:
-    cert_path, key_path = folder / f"{name}.crt", folder / f"{name}.key"
-    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    return str(cert_path), str(key_path)
 
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory) -> dict[str, str]:
     """A self-signed CA, a server certificate for 127.0.0.1 and a client certificate."""
     folder = tmp_path_factory.mktemp("pki")
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = _issue("augserve test CA", ca_key, _name("augserve test CA"), ca_key, is_ca=True, server=False)
-    server_key, client_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
-    ca_cert, _ = _write(folder, "ca", ca, ca_key)
-    server_cert, server_key_path = _write(folder, "server", _issue("127.0.0.1", ca_key, ca.subject, server_key, False, True), server_key)
-    client_cert, client_key_path = _write(folder, "client", _issue("trainer", ca_key, ca.subject, client_key, False, False), client_key)
     tokens = folder / "tokens"
     tokens.write_text("# tokens of this test\nsecret-one\nsecret-two\n")
-    return {"ca": ca_cert, "server_cert": server_cert, "server_key": server_key_path,
-            "client_cert": client_cert, "client_key": client_key_path, "tokens": str(tokens)}
+    return {**write_pki(folder), "tokens": str(tokens)}
 
 
 @pytest.fixture(scope="module")

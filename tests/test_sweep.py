@@ -5,14 +5,20 @@ from __future__ import annotations
 
 import csv
 import math
+import os
+import pty
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
+from servers import running_server
 
 from augserve.core.errors import SpecError
+from augserve.data.demo import DemoConfig, ensure_demo_dataset
+from augserve.rpc.server import DatasetConfig
 from trainer.sweep import plan_runs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,9 +86,52 @@ def test_main_job_runs_end_to_end_and_lists_every_run(demo_root, tmp_path):
     log_path = tmp_path / "sweep.log"
     assert str(log_path) in result.stdout and "session s1 opened" in log_path.read_text()
     progress = result.stdout.split("rank", 1)[0]
-    for name in names:  # not a terminal: plain lines, one per epoch and one at the end
-        lines = [line for line in progress.splitlines() if line.startswith(name + " ")]
-        assert 1 <= len(lines) <= 2 and lines[-1].endswith("done"), (name, lines)
-        assert "epoch 1/1" in lines[-1] and " step " in lines[-1] and " loss " in lines[-1], (name, lines)
     steps = {row["run"]: row["steps"] for row in rows}
     assert steps["full-batch-gd"] == "1" and steps["adam"] == str(math.ceil(1200 / 64)), steps
+    for name in names:  # not a terminal: plain lines; with one epoch, one line that ends the run
+        lines = [line for line in progress.splitlines() if line.startswith(name + " ")]
+        assert len(lines) == 1 and lines[0].endswith("done"), (name, lines)
+        assert "epoch 1/1" in lines[0] and f" step {steps[name]:>4} " in lines[0] and " loss " in lines[0], (name, lines)
+    assert "\x1b" not in result.stdout
+
+
+def run_on_a_terminal(command: list[str]) -> tuple[int, str]:
+    """Run `command` with a pseudo-terminal as stdout and stderr; (exit code, what it printed)."""
+    main, child = pty.openpty()
+    with subprocess.Popen(command, stdout=child, stderr=child, stdin=subprocess.DEVNULL, cwd=ROOT) as process:
+        os.close(child)
+        output = b""
+        while True:
+            try:
+                chunk = os.read(main, 65536)
+            except OSError:  # EIO: the child side is closed, the process has ended
+                break
+            if not chunk:
+                break
+            output += chunk
+        code = process.wait(120)
+    os.close(main)
+    return code, output.decode(errors="replace")
+
+
+def test_on_a_terminal_lines_are_live_and_no_progress_makes_them_plain(tmp_path):
+    root = ensure_demo_dataset(DemoConfig(images_per_class=6, image_size=32), root=tmp_path / "data")
+    sweep = {
+        "base": {"data": {"dataset": "tiny", "batch_size": 8, "epochs": 2}, "model": {"name": "linear"},
+                 "optimizer": {"name": "sgd", "learning_rate": 0.01}, "run": {"threads": 1}},
+        "runs": [{"name": "linear-sgd"}],
+    }
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep))
+    with running_server({"tiny": DatasetConfig(str(root), validation_fraction=0.2)}) as server:
+        outputs = {}
+        for mode, extra in (("live", []), ("quiet", ["--no-progress"])):
+            code, outputs[mode] = run_on_a_terminal([
+                sys.executable, "-m", "trainer.sweep", "--config", str(tmp_path / "sweep.yaml"),
+                "--endpoint", server.address, "--output", str(tmp_path / mode), *extra,
+            ])
+            assert code == 0, outputs[mode][-3000:]
+    assert "\x1b[2K" in outputs["live"]  # lines drawn and redrawn in place
+    assert "\x1b" not in outputs["quiet"]
+    quiet_lines = [line for line in outputs["quiet"].splitlines() if line.startswith("linear-sgd ")]
+    epochs = [line.split("  ")[1] for line in quiet_lines]  # an epoch line, unless the next came within a second
+    assert epochs[-1] == "epoch 2/2" and quiet_lines[-1].endswith("done") and len(set(epochs)) == len(epochs), quiet_lines

@@ -11,6 +11,7 @@ uninterrupted run would have seen.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -27,8 +28,9 @@ from trainer import distributed
 from trainer.distributed import Ranks
 from trainer.losses import LossFunction, build_loss
 from trainer.metrics import MetricsLog, Progress, TrainerGauges
+from trainer.mixing import BatchMixer
 from trainer.models import build_model
-from trainer.optim import average_gradients, backward_sum, build_optimizer
+from trainer.optim import backward_sum, build_optimizer
 from trainer.run_config import TrainConfig
 from trainer.schedule import learning_rate, set_learning_rate
 
@@ -120,35 +122,81 @@ class Trainer:
     autocast_dtype: torch.dtype | None
     batches_per_epoch: int | None = None  # the longest rank's, known once the stream opens
     gauges: TrainerGauges | None = None
+    ddp: nn.Module | None = None  # `model` in DistributedDataParallel when there are several ranks
+    # This epoch's sums not yet added to `state.totals` (data loss, penalty, correct), kept on the
+    # device so that a step reads nothing back; `_flush` adds them at log and checkpoint times.
+    running: torch.Tensor | None = None
+    last_images: torch.Tensor | None = None  # for a rank's empty steps (see `_accumulate`)
+    mixer: BatchMixer | None = None  # MixUp / CutMix of training batches (`mixing` section)
 
     # --- one step ---
 
-    def _forward(self, images: torch.Tensor) -> torch.Tensor:
+    def _forward(self, images: torch.Tensor, training: bool = True) -> torch.Tensor:
+        model = self.ddp if training and self.ddp is not None else self.model
         if self.autocast_dtype is None:
-            return self.model(images)
+            return model(images)
         with torch.autocast(self.device.type, dtype=self.autocast_dtype):
-            return self.model(images).float()
+            return model(images).float()
 
-    def _accumulate(self, batch: ReceivedBatch | None) -> tuple[float, float, int, int]:
-        """Forward and backward one batch (summed gradients). (data loss sum, penalty, correct, n)."""
+    def _accumulate(self, batch: ReceivedBatch | None, synchronize: bool = True) -> tuple[torch.Tensor | None, int]:
+        """Forward and backward one batch, adding the gradient of its summed loss to `.grad`
+        (under DDP: the mean over ranks of those sums; with `synchronize` false in `no_sync`, this
+        rank's only). Returns (the batch's summed data loss on the device, sample count).
+
+        A rank without a batch in a step every other rank takes (its shard is shorter) still runs
+        a backward, on its previous batch in eval mode times zero: DDP's all-reduce needs every
+        rank, and the zero adds nothing, so the weighting stays exact and batch statistics
+        untouched."""
+        context = self.ddp.no_sync() if self.ddp is not None and not synchronize else contextlib.nullcontext()
         if batch is None:
-            return 0.0, 0.0, 0, 0
+            if self.ddp is not None and synchronize and self.last_images is not None:
+                self.model.eval()
+                (self._forward(self.last_images).sum() * 0.0).backward()
+                self.model.train()
+            return None, 0
         images, labels = to_torch(batch.images, batch.labels, self.device, True, *_normalization())
-        logits = self._forward(images)
-        parts = self.loss_function(logits, labels, self.model)
-        count = len(labels)
-        backward_sum(parts.data, count)
-        correct = int((self.loss_function.predictions(logits.detach()) == labels).sum().item())
-        return float(parts.data.detach()) * count, float(parts.penalty.detach()), correct, count
+        targets = labels
+        if self.mixer is not None:  # soft targets; accuracy stays against each own label
+            images, targets = self.mixer(images, labels, batch.epoch, batch.position)
+        self.last_images = images
+        with context:
+            logits = self._forward(images)
+            parts = self.loss_function(logits, targets, self.model)
+            count = len(labels)
+            backward_sum(parts.data, count)
+        loss_sum = parts.data.detach() * count
+        correct = (self.loss_function.predictions(logits.detach()) == labels).sum()
+        sums = torch.stack([loss_sum.float(), parts.penalty.detach().float(), correct.float()])
+        self.running = sums if self.running is None else self.running + sums
+        return loss_sum, count
+
+    def _flush(self) -> None:
+        """Add the device-side sums to `state.totals` (one read back from the device)."""
+        if self.running is None:
+            return
+        loss_sum, penalty, correct = self.running.tolist()
+        totals = self.state.totals
+        totals.data_loss += loss_sum
+        totals.penalty += penalty
+        totals.correct += int(round(correct))
+        self.running = None
 
     def _step(self, sample_count: int) -> float:
-        """Average the summed gradients over every rank's samples, add the penalty, step."""
-        parameters = list(self.model.parameters())
-        total = distributed.sum_gradients(parameters, sample_count, self.ranks)
-        average_gradients(parameters, max(total, 1))
+        """Turn the summed gradients into the mean over every rank's samples, add the penalty,
+        step. DDP averaged the ranks' sums (divided by the world size); times world size over
+        the step's samples on all ranks (one tiny all-reduce, read by no host) gives the mean."""
+        parameters = [parameter for parameter in self.model.parameters() if parameter.grad is not None]
+        total = distributed.global_count(sample_count, self.ranks, self.device)
+        scale = self.ranks.world_size / total.clamp(min=1.0)
+        for parameter in parameters:
+            parameter.grad.mul_(scale.to(parameter.grad.dtype))
         penalty = self.loss_function.penalty(self.model)
         if penalty.requires_grad:  # a constant zero without L1/L2
-            penalty.backward()
+            # autograd.grad, not backward: the same on every rank, so no DDP hook may see it.
+            weights = [parameter for parameter in self.model.parameters() if parameter.requires_grad]
+            for parameter, gradient in zip(weights, torch.autograd.grad(penalty, weights, allow_unused=True)):
+                if gradient is not None:
+                    parameter.grad = gradient if parameter.grad is None else parameter.grad.add_(gradient)
         rate = learning_rate(self.config.schedule, self.state.step, self.total_steps, self.config.optimizer.learning_rate)
         set_learning_rate(self.optimizer, rate)
         self.optimizer.step()
@@ -167,23 +215,23 @@ class Trainer:
         batches_expected = steps_per_epoch or self.batches_per_epoch
         self.model.train()
         rate = learning_rate(config.schedule, state.step, self.total_steps, config.optimizer.learning_rate)
-        while True:
+        # Every rank takes the longest rank's number of steps (known up front: no per-step vote).
+        while totals.steps < batches_expected:
             started = time.perf_counter()
             wait_before = cursor.wait_seconds
             done = steps_per_epoch is not None and totals.batches >= steps_per_epoch
             batch = None if done else cursor.next_in(None if steps_per_epoch else epoch)
-            if not distributed.any_rank(batch is not None, self.ranks, self.device):
-                break
-            loss_sum, penalty, correct, count = self._accumulate(batch)
+            if batch is None and not self.ranks.distributed:
+                break  # fewer batches than announced (a policy skipped some): the epoch is over
+            # gd sums the whole epoch's gradients locally and all-reduces once, at its last step.
+            synchronize = not one_step_per_epoch or totals.steps + 1 >= batches_expected
+            loss_sum, count = self._accumulate(batch, synchronize)
             if one_step_per_epoch:
                 state.accumulated_samples += count
             else:
                 rate = self._step(count)
             elapsed = time.perf_counter() - started
-            totals.data_loss += loss_sum
-            totals.penalty += penalty
             totals.steps += 1
-            totals.correct += correct
             totals.images += count
             totals.batches += 1 if batch is not None else 0
             totals.seconds += elapsed
@@ -192,7 +240,7 @@ class Trainer:
                 state.resume_tokens = [list(cursor.stream.resume_tokens)]
             state.batches += 1
             if state.batches % config.run.log_every == 0:
-                self._log_step(epoch, rate, loss_sum / max(count, 1))
+                self._log_step(epoch, rate, loss_sum, count)
             progress.update(
                 epoch, config.data.epochs, totals.batches, batches_expected,
                 f"loss {totals.data_loss / max(totals.images, 1):.4f} acc {totals.correct / max(totals.images, 1):.3f}",
@@ -204,6 +252,7 @@ class Trainer:
         if one_step_per_epoch and not self.step_budget_spent:
             rate = self._step(state.accumulated_samples)
             state.accumulated_samples = 0
+        self._flush()
         progress.finish()
         return totals
 
@@ -211,8 +260,10 @@ class Trainer:
     def step_budget_spent(self) -> bool:
         return bool(self.config.run.max_steps) and self.state.step >= self.config.run.max_steps
 
-    def _log_step(self, epoch: int, rate: float, batch_loss: float) -> None:
+    def _log_step(self, epoch: int, rate: float, loss_sum: torch.Tensor | None, count: int) -> None:
+        self._flush()
         totals = self.state.totals
+        batch_loss = float(loss_sum) / max(count, 1) if loss_sum is not None else 0.0
         record = {
             "epoch": epoch,
             "step": self.state.step,
@@ -232,8 +283,10 @@ class Trainer:
 
     # --- validation ---
 
-    def evaluate(self) -> tuple[float, float]:
-        """(mean data loss, accuracy) over the validation split, every rank its shard."""
+    def evaluate(self, epoch: int = 0) -> tuple[float, float]:
+        """(mean data loss, accuracy) over the validation split, every rank its shard. The
+        trainers of a sweep that validate alike at `epoch` read one shared validation stream
+        (`data.eval_group_epochs`)."""
         config = self.config
         self.model.eval()
         loss_sum, correct, count = 0.0, 0, 0
@@ -241,10 +294,11 @@ class Trainer:
             self.clients, config.data.dataset, rank=self.ranks.rank, world_size=self.ranks.world_size,
             split="validation", eval_size=self.output_size, batch_size=config.data.eval_batch_size,
             epochs=1, transport=config.data.transport,
+            group_size=sum(1 for epochs in config.data.eval_group_epochs if epochs > epoch),
         )
         with stream, torch.no_grad():
             for images, labels in stream.torch(self.device, True, *_normalization()):
-                logits = self._forward(images)
+                logits = self._forward(images, training=False)
                 loss_sum += float(self.loss_function(logits, labels, self.model).data) * len(labels)
                 correct += int((self.loss_function.predictions(logits) == labels).sum().item())
                 count += len(labels)
@@ -254,6 +308,7 @@ class Trainer:
     # --- checkpoints ---
 
     def save_checkpoint(self) -> None:
+        self._flush()
         tokens = distributed.gather(self.state.resume_tokens[0] if self.state.resume_tokens else [], self.ranks)
         if not self.ranks.is_main:
             return
@@ -333,6 +388,7 @@ def build_trainer(config: TrainConfig, ranks: Ranks) -> Trainer:
         clients=clients, output_size=tuple(output_size), classes=tuple(info.classes), output=output,
         metrics=MetricsLog(output, enabled=ranks.is_main), state=TrainState(), total_steps=1,
         validation_samples=info.validation_samples, autocast_dtype=autocast_dtype,
+        mixer=BatchMixer(config.mixing, len(info.classes), config.data.seed, ranks.rank) if config.mixing.enabled else None,
     )
 
 
@@ -368,12 +424,13 @@ def _run(trainer: Trainer, resume: str | Path | None) -> TrainSummary:
         resume_tokens=trainer.state.resume_tokens[0] if trainer.state.resume_tokens else (),
         spec=data.augment_spec(), batch_size=data.batch_size, seed=data.seed,
         epochs=0 if endless else data.epochs, transport=data.transport, prefetch=data.prefetch,
-        group_policy=data.group_policy, group_size=data.group_size,
+        group_policy=data.group_policy, group_size=data.group_size, decode_group_size=data.decode_group_size,
     )
     batches_per_epoch = data.steps_per_epoch or max(
         distributed.gather(stream.facts.batches_per_epoch, ranks)
     )
     trainer.batches_per_epoch = batches_per_epoch
+    trainer.ddp = distributed.wrap(trainer.model, ranks, trainer.device)
     trainer.total_steps = data.epochs if config.optimizer.one_step_per_epoch else data.epochs * batches_per_epoch
     validate = data.validate and trainer.validation_samples >= ranks.world_size * len(trainer.clients)
     progress = Progress(config.run.progress and ranks.is_main)
@@ -393,10 +450,15 @@ def _run(trainer: Trainer, resume: str | Path | None) -> TrainSummary:
                 trainer.save_checkpoint()  # stopped inside the epoch: resume continues it
                 log.info("stopped after %d steps (run.max_steps); resume with --resume %s", trainer.state.step, trainer.output)
                 break
+            # Validation, metrics and the checkpoint: the training stream is not read meanwhile, and
+            # says so, so that its group waits for it instead of detaching it as stalled.
+            stream.pause()
             sums = distributed.sum_values(
                 [totals.data_loss, totals.correct, totals.images, totals.penalty, totals.steps], ranks, trainer.device
             )
-            val_loss, val_accuracy = trainer.evaluate() if validate else (math.nan, math.nan)
+            validation_started = time.perf_counter()
+            val_loss, val_accuracy = trainer.evaluate(epoch) if validate else (math.nan, math.nan)
+            val_seconds = time.perf_counter() - validation_started
             record = {
                 "epoch": epoch,
                 "step": trainer.state.step,
@@ -409,6 +471,7 @@ def _run(trainer: Trainer, resume: str | Path | None) -> TrainSummary:
                 "images_per_second": totals.images * ranks.world_size / max(totals.seconds, 1e-9),
                 "data_wait_fraction": totals.wait_seconds / max(totals.seconds, 1e-9),
                 "seconds": totals.seconds,
+                "val_seconds": val_seconds,
             }
             records.append(record)
             if ranks.is_main:
@@ -421,6 +484,7 @@ def _run(trainer: Trainer, resume: str | Path | None) -> TrainSummary:
             trainer.state.epoch += 1
             trainer.state.totals = EpochTotals()
             trainer.save_checkpoint()
+            stream.resume()
             if trainer.step_budget_spent:
                 break
     return TrainSummary(records, trainer.output, trainer.state.step)

@@ -12,7 +12,7 @@ from typing import Any, TextIO
 STEP_COLUMNS = ("epoch", "step", "batch_loss", "data_loss", "penalty", "accuracy", "learning_rate", "images_per_second", "data_wait_fraction")
 EPOCH_COLUMNS = (
     "epoch", "step", "train_data_loss", "train_penalty", "train_accuracy", "val_loss", "val_accuracy",
-    "images", "images_per_second", "data_wait_fraction", "seconds",
+    "images", "images_per_second", "data_wait_fraction", "seconds", "val_seconds",
 )
 
 

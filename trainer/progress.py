@@ -40,6 +40,11 @@ def _number(row: dict[str, str], key: str) -> float | None:
         return None
 
 
+def _epoch_of(row: dict[str, str]) -> float:
+    value = _number(row, "epoch")
+    return -1.0 if value is None else value
+
+
 @dataclass
 class RunLine:
     """What one run's line shows."""
@@ -54,8 +59,10 @@ class RunLine:
         epoch_row = _last_row(self.folder / "epochs.csv")
         epochs_done = _count_rows(self.folder / "epochs.csv")
         parts = [f"{self.name:<{width}}", f"epoch {epochs_done}/{self.epochs}"]
-        # The latest step record, else (a run that logs steps rarely) the latest epoch's.
-        latest = step or {
+        # The newer of the latest step and epoch records: a step record written in an epoch
+        # that has since ended (steps are logged every `log_every` batches) is older news.
+        step_is_newer = bool(step) and _epoch_of(step) > _epoch_of(epoch_row)
+        latest = step if step_is_newer else {
             "step": epoch_row.get("step", ""), "batch_loss": epoch_row.get("train_data_loss", ""),
             "accuracy": epoch_row.get("train_accuracy", ""), "images_per_second": epoch_row.get("images_per_second", ""),
             "data_wait_fraction": epoch_row.get("data_wait_fraction", ""),
@@ -120,12 +127,14 @@ class ProgressBoard:
         self.stream.flush()
 
     def _print_news(self) -> None:
-        """A line for each run that finished an epoch since the last look, and one when it ends."""
+        """A line for each run that finished an epoch since the last look, and one when it ends;
+        the last epoch's line waits for the run's end, so that it is printed once, with "done"."""
         for line in self.lines:
             if line.name in self._ended:
                 continue
             epochs = _count_rows(line.folder / "epochs.csv")
-            if epochs > self._printed_epochs[line.name] or line.finished:
+            last_epoch_waits = epochs >= line.epochs and not line.finished
+            if line.finished or (epochs > self._printed_epochs[line.name] and not last_epoch_waits):
                 self.stream.write(line.render(self._width) + "\n")
                 self._printed_epochs[line.name] = epochs
                 if line.finished:
@@ -138,5 +147,6 @@ class ProgressBoard:
 
     def close(self) -> None:
         self._stop.set()
-        self._thread.join(5)
+        if self._thread.ident is not None:  # started
+            self._thread.join(5)
         self.refresh()

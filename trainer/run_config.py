@@ -18,6 +18,7 @@ from augserve.core.spec import AugmentSpec, load_spec_file
 from augserve.rpc.security import TlsFiles
 from trainer.config import check_bool, check_choice, check_integer, config_from_dict, config_to_dict
 from trainer.losses import LossConfig
+from trainer.mixing import MixingConfig
 from trainer.models import ModelConfig
 from trainer.optim import OptimizerConfig
 from trainer.schedule import ScheduleConfig
@@ -46,6 +47,13 @@ class DataConfig:
     prefetch: int = 4
     group_policy: str = "lockstep"
     group_size: int = 0  # trainers expected on this same stream (a sweep sets it)
+    # Trainers expected on this dataset order with any spec (same dataset, seed, batch size):
+    # the server decodes each image once for all of them (a sweep sets it).
+    decode_group_size: int = 0
+    # The epochs of every trainer validating on this same validation stream, this one included
+    # (a sweep sets it): at epoch e the validation stream waits for those with more than e
+    # epochs, so that it is produced once for all of them.
+    eval_group_epochs: tuple[int, ...] = ()
     validate: bool = True
     tls_ca: str | None = None  # PEM CA that signed the servers' certificates: use TLS
     tls_cert: str | None = None  # client certificate and key, for mutual TLS
@@ -70,6 +78,11 @@ class DataConfig:
         check_integer("prefetch", self.prefetch, low=1, high=64)
         check_choice("group_policy", self.group_policy, GROUP_POLICIES)
         check_integer("group_size", self.group_size, low=0, high=1024)
+        check_integer("decode_group_size", self.decode_group_size, low=0, high=1024)
+        if not isinstance(self.eval_group_epochs, tuple) or len(self.eval_group_epochs) > 1024:
+            raise SpecError("eval_group_epochs", f"expected a list of at most 1024 epoch counts, got {self.eval_group_epochs!r}")
+        for index, epochs in enumerate(self.eval_group_epochs):
+            check_integer(f"eval_group_epochs[{index}]", epochs, low=1)
         check_bool("validate", self.validate)
 
     def tls_files(self) -> TlsFiles | None:
@@ -134,6 +147,7 @@ class TrainConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    mixing: MixingConfig = field(default_factory=MixingConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     SECTIONS = {
@@ -142,6 +156,7 @@ class TrainConfig:
         "optimizer": OptimizerConfig,
         "schedule": ScheduleConfig,
         "loss": LossConfig,
+        "mixing": MixingConfig,
         "run": RunConfig,
     }
 
@@ -170,11 +185,25 @@ class TrainConfig:
 
 
 def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
-    """data["a"]["b"] = value for dotted "a.b" (creating sections as needed)."""
+    """data["a"]["b"] = value for dotted "a.b" (creating sections as needed). A number indexes
+    a list that is already there: "data.spec.ops.1.rand_augment.magnitude" sets the magnitude
+    of the spec's second op."""
     *path, last = dotted.split(".")
-    target = data
+    target: Any = data
     for key in path:
-        target = target.setdefault(key, {})
-        if not isinstance(target, dict):
+        if isinstance(target, list):
+            target = target[_list_index(dotted, target, key)]
+        else:
+            target = target.setdefault(key, {})
+        if not isinstance(target, (dict, list)):
             raise SpecError(dotted, f"{key} is not a section")
-    target[last] = value
+    if isinstance(target, list):
+        target[_list_index(dotted, target, last)] = value
+    else:
+        target[last] = value
+
+
+def _list_index(dotted: str, items: list[Any], key: str) -> int:
+    if not key.isdigit() or int(key) >= len(items):
+        raise SpecError(dotted, f"{key!r} is not an index of a list of {len(items)}")
+    return int(key)

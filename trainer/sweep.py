@@ -10,7 +10,9 @@ list of explicit overrides), `grid` (every combination of the listed values) and
 writes leaderboard.csv, summary.json and validation plots (PNG) into the sweep's output.
 
 Runs with the same stream (dataset, spec, seed, batch size) share one production on the
-server; when every run starts at once the sweep tells the server how many to expect.
+server; runs on the same dataset order (dataset, seed, batch size) with different specs share
+reading and decoding; runs that validate alike read one shared validation stream each epoch.
+When every run starts at once the sweep tells the server how many to expect of each.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from trainer.progress import ProgressBoard, RunLine
 from trainer.run_config import TrainConfig, set_dotted
 
 log = logging.getLogger("sweep")
-SWEEP_KEYS = ("base", "runs", "grid", "random", "concurrency", "output")
+SWEEP_KEYS = ("base", "runs", "grid", "random", "optuna", "concurrency", "output")
 
 
 @dataclass(frozen=True)
@@ -130,6 +132,20 @@ def _stream_key(config: TrainConfig) -> tuple:
     return (data.dataset, json.dumps(data.spec, sort_keys=True), data.spec_file, data.image_size, data.seed, data.batch_size)
 
 
+def _order_key(config: TrainConfig) -> tuple:
+    """Runs whose training streams hold the same images in the same order, whatever the spec."""
+    data = config.data
+    return (data.dataset, data.seed, data.batch_size)
+
+
+def _validation_key(config: TrainConfig) -> tuple | None:
+    """Runs whose validation streams are the same (None: the run does not validate)."""
+    data = config.data
+    if not data.validate:
+        return None
+    return (data.dataset, data.augment_spec().fixed_output_size, data.image_size, data.eval_batch_size)
+
+
 def _folder_name(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_.=," else "_" for c in name)[:100]
 
@@ -146,6 +162,12 @@ def run_sweep(
     output.mkdir(parents=True, exist_ok=True)
     starts_together = concurrency >= len(plans)
     same_stream = Counter(_stream_key(plan.config) for plan in plans)
+    same_order = Counter(_order_key(plan.config) for plan in plans)
+    validating_alike: dict[tuple, list[int]] = {}
+    for plan in plans:
+        key = _validation_key(plan.config)
+        if key is not None:
+            validating_alike.setdefault(key, []).append(plan.config.data.epochs)
 
     def run_one(plan: RunPlan) -> RunResult:
         folder = output / _folder_name(plan.name)
@@ -154,7 +176,13 @@ def run_sweep(
         if endpoints:
             config = config.replace("data", endpoints=tuple(endpoints))
         if starts_together:
-            config = config.replace("data", group_size=same_stream[_stream_key(plan.config)])
+            validation_key = _validation_key(plan.config)
+            config = config.replace(
+                "data",
+                group_size=same_stream[_stream_key(plan.config)],
+                decode_group_size=same_order[_order_key(plan.config)],
+                eval_group_epochs=tuple(validating_alike.get(validation_key, ())) if validation_key else (),
+            )
         (folder / "config-in.yaml").write_text(config.to_yaml())
         started = time.monotonic()
         with open(folder / "train.log", "wb") as log_file:
@@ -289,7 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     output = Path(args.output or sweep.get("output") or "runs/sweep")
     concurrency = args.concurrency or int(sweep.get("concurrency", 4))
     log_path = _log_to_file(output, args.log_level)
-    print(f"{len(plans)} runs, {concurrency} at a time, into {output}; server and sweep log: {log_path}")
+    if not sweep.get("optuna"):  # an Optuna study says how many trials it runs itself
+        print(f"{len(plans)} runs, {concurrency} at a time, into {output}; server and sweep log: {log_path}")
     server = None
     endpoints = args.endpoint
     if args.serve_demo:
@@ -299,6 +328,14 @@ def main(argv: list[str] | None = None) -> int:
         server = create_server(ServerConfig(port=0, backend=args.backend, datasets={"demo": DatasetConfig(str(ensure_demo_dataset()), 0.2)}))
         endpoints = [server.address]
     try:
+        if sweep.get("optuna"):  # the Optuna strategy: trials from TPE, pruned on validation (trainer/search.py)
+            from trainer.search import run_study
+
+            try:
+                return run_study(sweep["optuna"], sweep.get("base") or {}, overrides, output, concurrency, endpoints)
+            except AugserveError as error:  # a bad optuna section: the field, not a traceback
+                print(f"augserve-sweep: {error}", file=sys.stderr)
+                return 2
         log.info("sweep of %d runs, %d at a time, into %s", len(plans), concurrency, output)
         started = time.monotonic()
         board = ProgressBoard(
