@@ -229,6 +229,28 @@ def _finish_plan(
     )
 
 
+def _tie_break_shift(warp: np.ndarray) -> float:
+    """The shift `_finish_plan` gives a nearest-neighbour warp with this linear part."""
+    return 0.0 if _is_near_identity(warp[:, :2]) else NEAREST_TIE_BREAK
+
+
+def geometric_warp(plan: SamplePlan) -> np.ndarray:
+    """The plan's [2, 3] warp without the nearest-neighbour tie-break shift: the map of the
+    picture itself (for targets that move with it)."""
+    warp = plan.warp.astype(np.float64, copy=True)
+    if plan.interpolation == "nearest":
+        warp[:, 2] -= _tie_break_shift(warp)
+    return warp
+
+
+def nearest_warp(plan: SamplePlan) -> np.ndarray:
+    """The [2, 3] warp that nearest-neighbour sampling of this plan uses (a nearest plan's own
+    warp; others get the same tie-break shift, for label maps beside their pixels)."""
+    warp = plan.warp.astype(np.float64, copy=True)
+    if plan.interpolation != "nearest":
+        warp[:, 2] += _tie_break_shift(warp)
+    return warp
+
 def make_plan(
     spec: AugmentSpec,
     seed: int,

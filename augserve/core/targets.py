@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from augserve.core.errors import SpecError
-from augserve.core.plan import NEAREST_TIE_BREAK, SamplePlan
+from augserve.core.plan import SamplePlan, geometric_warp
 
 # Label of mask pixels outside the image (and, with erase_marks_ignore, under erased rectangles):
 # the usual ignore index of segmentation losses (Pascal VOC, ADE20K, torch's ignore_index).
@@ -96,13 +96,10 @@ class SampleTargets:
 
 def forward_map(plan: SamplePlan) -> np.ndarray:
     """The [2, 3] map from stored-image pixel centres to output pixel centres: the inverse of the
-    plan's warp, without the tie-break shift a nearest-neighbour warp carries (a sampling
+    plan's geometric warp (without the tie-break shift of a nearest-neighbour warp, a sampling
     detail of the pixels, not a move of the picture)."""
-    warp = plan.warp.astype(np.float64, copy=True)
-    if plan.interpolation == "nearest" and not np.allclose(warp[:, :2], np.eye(2), rtol=1e-5, atol=1e-8):
-        warp[:, 2] -= NEAREST_TIE_BREAK
-    linear = warp[:, :2]
-    inverse = np.linalg.inv(linear)
+    warp = geometric_warp(plan)
+    inverse = np.linalg.inv(warp[:, :2])
     return np.concatenate([inverse, -inverse @ warp[:, 2:]], axis=1)
 
 

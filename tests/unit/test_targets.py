@@ -12,9 +12,9 @@ import albumentations as A
 import numpy as np
 import pytest
 
-from augserve.backends.masks import mask_warp, warp_mask
+from augserve.backends.masks import warp_mask
 from augserve.core.errors import SpecError
-from augserve.core.plan import make_plan, plan_from_draws
+from augserve.core.plan import make_plan, nearest_warp, plan_from_draws
 from augserve.core.spec import AugmentSpec
 from augserve.core.targets import MASK_FILL, SampleTargets, TargetRules, forward_map, transform_targets
 
@@ -194,7 +194,7 @@ def test_masks_follow_the_warp_as_a_nearest_neighbour_warp_written_out(name, see
     rules = TargetRules()
     for sample_id in range(4):
         plan = make_plan(spec, seed, 0, sample_id, (HEIGHT, WIDTH))
-        expected = nearest_reference(mask, mask_warp(plan), plan.output_size, MASK_FILL)
+        expected = nearest_reference(mask, nearest_warp(plan), plan.output_size, MASK_FILL)
         out = warp_mask(mask, plan, rules)
         assert out.shape == plan.output_size
         # OpenCV's fixed-point coordinates may round a coordinate within 1/32 px of a pixel edge
