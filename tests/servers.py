@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
@@ -121,3 +122,28 @@ def start_streaming_client(address: str, dataset: str, spec: AugmentSpec, **opti
     Use it as a context manager (closes its pipe)."""
     arguments = json.dumps({"dataset": dataset, "spec": spec.to_json(), **options})
     return subprocess.Popen([sys.executable, "-c", STREAMING_CLIENT, address, arguments], stdout=subprocess.PIPE, text=True)
+
+
+# --- the metrics endpoint ---
+
+
+def fetch(port: int, path: str = "/metrics", authorization: str | None = None) -> tuple[int, http.client.HTTPMessage, str]:
+    """One GET on 127.0.0.1: status, headers and body, whatever the status."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        connection.request("GET", path, headers={"Authorization": authorization} if authorization else {})
+        response = connection.getresponse()
+        return response.status, response.headers, response.read().decode()
+    finally:
+        connection.close()
+
+
+def scrape(port: int, token: str | None = None) -> dict[str, float]:
+    status, _, text = fetch(port, authorization=f"Bearer {token}" if token else None)
+    assert status == 200, (status, text)
+    values = {}
+    for line in text.splitlines():
+        if line.startswith("augserve"):
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    return values

@@ -15,7 +15,6 @@ import struct
 import subprocess
 import sys
 import threading
-import urllib.request
 import zlib
 from collections import deque
 from collections.abc import Callable
@@ -26,7 +25,6 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from prometheus_client.parser import text_string_to_metric_families
 
 from augserve.backends import dali
 from augserve.backends.batch import augment_batch
@@ -56,7 +54,7 @@ from augserve.transport.cuda_ipc import (
     cuda_ipc_unavailable,
 )
 from helpers import spec_of
-from servers import running_server, wait_until
+from servers import running_server, scrape, wait_until
 
 SPEC = spec_of(
     {"rotate": {"degrees": 20}},
@@ -576,18 +574,6 @@ def test_auto_falls_back_to_opencv_with_the_reason_logged(monkeypatch, caplog):
 # --- the pipeline cache ----------------------------------------------------------------------
 
 
-def scrape_metrics(port: int) -> dict[str, float]:
-    """The server's Prometheus samples by name (unlabelled ones only)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    return {
-        sample.name: sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if not sample.labels
-    }
-
-
 def test_the_pipeline_cache_is_bounded_and_evicts_the_least_recently_used(
     dataset_root, reference, caplog
 ):
@@ -603,7 +589,7 @@ def test_the_pipeline_cache_is_bounded_and_evicts_the_least_recently_used(
             control_stream(server.address, spec, reference)
             stats = backend.cache_stats()
             counts.append((stats.pipelines, stats.builds, stats.evictions))
-        metrics = scrape_metrics(server.metrics.port)
+        metrics = scrape(server.metrics.port)
     assert counts == [(1, 1, 0), (2, 2, 0), (2, 3, 1), (2, 4, 2)], counts
     assert metrics["augserve_pipeline_evictions_total"] == 2, metrics
     assert metrics["augserve_pipeline_builds_total"] == 4

@@ -3,7 +3,6 @@ the server's endpoint against hostile clients (no token, wrong token, half-sent 
 
 from __future__ import annotations
 
-import http.client
 import socket
 import threading
 import time
@@ -12,7 +11,7 @@ import pytest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 from reliability_helpers import VerifyingControlClient, write_png_dataset
-from servers import wait_until
+from servers import fetch, scrape, wait_until
 
 from augserve.client import Client
 from augserve.core.spec import AugmentSpec
@@ -28,28 +27,6 @@ from augserve.rpc.server import DatasetConfig, ServerConfig, create_server
 from trainer.metrics import TrainerGauges
 
 SERVER_FAMILIES = {"augserve_backend_info", "augserve_sessions", "augserve_producers", "augserve_batches_produced", "augserve_production_seconds"}
-
-
-def fetch(port: int, path: str = "/metrics", authorization: str | None = None) -> tuple[int, http.client.HTTPMessage, str]:
-    """One GET on 127.0.0.1: status, headers and body, whatever the status."""
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    try:
-        connection.request("GET", path, headers={"Authorization": authorization} if authorization else {})
-        response = connection.getresponse()
-        return response.status, response.headers, response.read().decode()
-    finally:
-        connection.close()
-
-
-def scrape(port: int, token: str | None = None) -> dict[str, float]:
-    status, _, text = fetch(port, authorization=f"Bearer {token}" if token else None)
-    assert status == 200, (status, text)
-    values = {}
-    for line in text.splitlines():
-        if line.startswith("augserve"):
-            name, value = line.rsplit(" ", 1)
-            values[name] = float(value)
-    return values
 
 
 def closed_by_server(connection: socket.socket, timeout: float) -> bool:
