@@ -53,6 +53,20 @@ def run_one(backend: Backend, spec: AugmentSpec, image_rgb: np.ndarray, seed: in
     return batch.images[0]
 
 
+def uncompressed_rle(mask: np.ndarray) -> dict:
+    """COCO's uncompressed RLE of a [H, W] 0/1 mask: run lengths in column-major order,
+    starting with zeros."""
+    flat = mask.flatten(order="F")
+    counts, current, run = [], 0, 0
+    for value in flat:
+        if value != current:
+            counts.append(run)
+            current, run = value, 0
+        run += 1
+    counts.append(run)
+    return {"size": list(mask.shape), "counts": [int(count) for count in counts]}
+
+
 def difference(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     assert a.shape == b.shape and a.dtype == b.dtype == np.uint8
     return np.abs(a.astype(np.int16) - b.astype(np.int16))

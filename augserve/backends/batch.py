@@ -1,31 +1,42 @@
 """Producing one augmented batch: check headers, draw plans, run the backend, apply the
-bad-image policy. The server's producers and the in-process benchmarks both call this."""
+bad-image policy; and for datasets with annotations, each sample's boxes, keypoints and label
+mask through its plan. The server's producers and the in-process benchmarks both call this."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from augserve.backends.base import AugmentResult, Backend, DecodedSource, decodes_apart
+from augserve.backends.masks import warp_mask
 from augserve.core.errors import BadImageError, SpecError
 from augserve.core.images import HeaderCache, UnreadableSource, inspect_image
 from augserve.core.plan import SamplePlan, make_plan
 from augserve.core.policy import BadImagePolicy
 from augserve.core.sample import SkippedImage, SourceImage
 from augserve.core.spec import AugmentSpec
+from augserve.core.targets import SampleTargets, TargetRequest, TargetRules, transform_targets
+
+if TYPE_CHECKING:  # the producer hands the dataset's annotations in (backends import no data)
+    from augserve.data.annotated import DatasetTargets
 
 
 @dataclass
 class Batch:
-    """An augmented batch: images [N, H, W, 3] uint8 RGB; sample_ids and labels [N] int64."""
+    """An augmented batch: images [N, H, W, 3] uint8 RGB; sample_ids and labels [N] int64.
+    With targets asked for: `targets[i]` the instances of image i in output coordinates, and
+    `masks` [N, H, W] uint8 label maps (views of the `masks_out` given to `finish_batch`)."""
 
     images: np.ndarray
     sample_ids: np.ndarray
     labels: np.ndarray
     skipped: list[SkippedImage] = field(default_factory=list)
+    targets: list[SampleTargets] | None = None
+    masks: np.ndarray | None = None
 
 
 def augment_batch(
@@ -71,6 +82,11 @@ class PreparedBatch:
     policy: BadImagePolicy
     out: np.ndarray | None
     empty_size: tuple[int, int]  # output size of a batch left with no usable image
+    # With targets (`load_targets`): per usable sample its instances (stored-image coordinates)
+    # and label map, and the rules that map them.
+    targets: list[SampleTargets] | None = None
+    masks: list[np.ndarray] | None = None
+    rules: TargetRules | None = None
 
     @property
     def encoded(self) -> list[bytes]:
@@ -159,19 +175,69 @@ def run_batch(
         return backend.augment(prepared.encoded, prepared.plans, target)
 
 
-def finish_batch(prepared: PreparedBatch, result: AugmentResult | None) -> Batch:
-    """The batch the backend's `result` makes, with its failures left out by policy."""
+def load_targets(prepared: PreparedBatch, annotations: DatasetTargets, request: TargetRequest) -> None:
+    """Read the targets `request` asks for of every usable sample of `prepared` (before the
+    backend runs, so that reading overlaps it). A sample whose label map cannot be read, or
+    does not fit its image, is a bad image (left out, or the stream fails, by policy)."""
+    kept_sources, kept_plans = [], []
+    targets: list[SampleTargets] = []
+    masks: list[np.ndarray] = []
+    for source, plan in zip(prepared.usable, prepared.plans):
+        if request.masks:
+            try:
+                mask = annotations.mask(source.sample_id)
+                if mask.shape != tuple(plan.source_size):
+                    raise ValueError(
+                        f"label map is {mask.shape[1]}x{mask.shape[0]}, its image {plan.source_size[1]}x{plan.source_size[0]}"
+                    )
+            except ValueError as error:
+                prepared.reject(source, str(error))
+                continue
+            masks.append(mask)
+        if request.boxes:
+            targets.append(annotations.targets(source.sample_id))
+        kept_sources.append(source)
+        kept_plans.append(plan)
+    prepared.usable, prepared.plans = kept_sources, kept_plans
+    prepared.targets = targets if request.boxes else None
+    prepared.masks = masks if request.masks else None
+    prepared.rules = request.rules(annotations.flip_pairs)
+
+
+def finish_batch(prepared: PreparedBatch, result: AugmentResult | None, masks_out: np.ndarray | None = None) -> Batch:
+    """The batch the backend's `result` makes, with its failures left out by policy; with
+    targets loaded (`load_targets`), theirs too, label maps written into `masks_out`
+    ([N, H, W] uint8, e.g. a shared-memory slot's mask rows) where given."""
     if result is None:
         out_h, out_w = prepared.empty_size
         empty = np.empty((0,), np.int64)
-        return Batch(np.empty((0, out_h, out_w, 3), np.uint8), empty, empty.copy(), prepared.skipped)
+        batch = Batch(np.empty((0, out_h, out_w, 3), np.uint8), empty, empty.copy(), prepared.skipped)
+        _finish_targets(prepared, [], batch, None if masks_out is None else masks_out[:0])
+        return batch
     usable = prepared.usable
     for index, reason in sorted(result.failures.items()):
         prepared.reject(usable[index], reason)
     kept = [usable[index] for index in result.kept]
-    return Batch(
+    batch = Batch(
         result.images,
         np.array([source.sample_id for source in kept], np.int64),
         np.array([source.label for source in kept], np.int64),
         sorted(prepared.skipped, key=lambda item: item.sample_id),
     )
+    _finish_targets(prepared, result.kept, batch, masks_out)
+    return batch
+
+
+def _finish_targets(prepared: PreparedBatch, kept: list[int], batch: Batch, masks_out: np.ndarray | None) -> None:
+    """The kept samples' targets through their plans (host maths, the same for every backend)."""
+    rules = prepared.rules
+    if rules is None:
+        return
+    if prepared.targets is not None:
+        batch.targets = [transform_targets(prepared.targets[index], prepared.plans[index], rules) for index in kept]
+    if prepared.masks is not None:
+        height, width = batch.images.shape[1:3]
+        masks = np.empty((len(kept), height, width), np.uint8) if masks_out is None else masks_out[: len(kept)]
+        for row, index in enumerate(kept):
+            masks[row] = warp_mask(prepared.masks[index], prepared.plans[index], rules)
+        batch.masks = masks

@@ -9,12 +9,14 @@ from augserve._proto.augserve.v1 import augserve_pb2_grpc as pb_grpc
 from augserve.client.errors import AugserveClientError
 from augserve.client.stream import BatchStream, Reconnect
 from augserve.core.spec import AugmentSpec
+from augserve.core.targets import TargetRequest
 from augserve.rpc.convert import (
     BAD_IMAGE_VALUES,
     GROUP_POLICY_VALUES,
     SPLIT_VALUES,
     TRANSPORT_VALUES,
     spec_to_proto,
+    targets_to_proto,
 )
 from augserve.rpc import keepalive
 from augserve.rpc.compression import CODECS, COMPRESSION_VALUES, CodecUnavailable, Compression
@@ -93,6 +95,7 @@ class Client:
         compression: str = "none",
         compression_level: int = 0,
         decode_group_size: int = 0,
+        targets: TargetRequest | None = None,
     ) -> BatchStream:
         """Open a session. epochs=0 streams endlessly; transport is auto | inband | shared_memory.
         Sessions of the same stream share one producer; `group_size` makes a new group wait
@@ -108,7 +111,11 @@ class Client:
         reading and decoding whatever their specs; `decode_group_size` makes a new producer wait
         (at most group_wait_seconds) until that many such sessions have opened, so that every
         image is decoded once for all of them from the first batch. `stream.pause()` /
-        `resume()` (or `with stream.paused():`) around a break in reading keeps the group."""
+        `resume()` (or `with stream.paused():`) around a break in reading keeps the group.
+
+        `targets` (a dataset with annotations: a COCO file or a label-map folder) asks for boxes,
+        keypoints and label masks through each sample's augmentation with every batch
+        (`ReceivedBatch.boxes`, `.keypoints`, `.masks`; `stream.torch_targets()` as tensors)."""
         choice = Compression(compression, compression_level)  # ValueError naming the argument
         if choice.enabled:
             try:
@@ -139,6 +146,8 @@ class Client:
         )
         if spec is not None:
             open_message.spec.CopyFrom(spec_to_proto(spec))
+        if targets is not None and targets.any:
+            open_message.targets.CopyFrom(targets_to_proto(targets))
         return BatchStream(
             self._stub,
             open_message,

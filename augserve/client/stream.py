@@ -15,7 +15,7 @@ import numpy as np
 from augserve._proto.augserve.v1 import augserve_pb2 as pb
 from augserve._proto.augserve.v1 import augserve_pb2_grpc as pb_grpc
 from augserve.client.errors import AugserveClientError
-from augserve.client.tensors import IMAGENET_MEAN, IMAGENET_STD, to_torch
+from augserve.client.tensors import IMAGENET_MEAN, IMAGENET_STD, targets_to_torch, to_torch, tv_tensors_module
 from augserve.rpc.compression import ChunkDecoder, CodecUnavailable, CorruptChunk
 from augserve.rpc.convert import tensor_from_proto
 from augserve.transport.ring import SHM_DIR, SlotReader, remove_probe, write_probe
@@ -44,7 +44,13 @@ class SessionFacts:
 @dataclass
 class ReceivedBatch:
     """One batch. `images` is [count, H, W, 3] uint8 RGB; with shared memory it maps the
-    server's slot and stays valid until the next batch is requested (copy it to keep it)."""
+    server's slot and stays valid until the next batch is requested (copy it to keep it).
+
+    With targets asked for (`Client.stream(targets=...)`), per image i: `boxes[i]` [M, 4]
+    float32 (x_min, y_min, x_max, y_max in output pixels), `box_labels[i]` [M] int64 (indices
+    into the session's classes), `keypoints[i]` [M, K, 3] float32 (x, y, visibility); and
+    `masks` [count, H, W] uint8 label maps (0 background, class + 1, 255 ignore), valid as
+    long as `images`."""
 
     sequence: int
     epoch: int
@@ -54,6 +60,10 @@ class ReceivedBatch:
     sample_ids: np.ndarray
     resume_token: bytes
     skipped: list[str] = field(default_factory=list)
+    boxes: list[np.ndarray] | None = None
+    box_labels: list[np.ndarray] | None = None
+    keypoints: list[np.ndarray] | None = None
+    masks: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -259,19 +269,26 @@ class BatchStream:
 
     def _receive(self, message: pb.Batch) -> ReceivedBatch:
         height, width = self.facts.output_size
+        has_masks = message.HasField("masks")
+        masks = None
         if message.shm_name:
             reader = self._readers.get(message.shm_name)
             if reader is None:  # the server moved this session to a producer of its own
                 reader = self._readers[message.shm_name] = self._map_segment(message.shm_name)
-            images = reader.view(message.slot, (message.count, height, width, 3))
+            try:
+                images = reader.view(message.slot, (message.count, height, width, 3))
+                if has_masks:
+                    masks = reader.view(message.slot, (message.count, height, width), message.masks_offset)
+            except ValueError as error:
+                raise self._data_loss(message, str(error)) from None
             self._pending_release = message.sequence
         elif message.chunks:
-            images = self._assemble(message)
+            images, masks = self._assemble(message)
             self._pending_release = -1  # in-band: only a credit to send
         else:
             images = tensor_from_proto(message.images)
             self._pending_release = -1
-        return ReceivedBatch(
+        batch = ReceivedBatch(
             sequence=message.sequence,
             epoch=message.epoch,
             position=message.position,
@@ -280,14 +297,46 @@ class BatchStream:
             sample_ids=np.array(message.sample_ids, np.int64),
             resume_token=message.resume_token,
             skipped=list(message.skipped),
+            masks=masks,
         )
+        if message.HasField("targets"):
+            self._read_targets(message, batch)
+        return batch
 
-    def _assemble(self, message: pb.Batch) -> np.ndarray:
-        """Read the batch's Chunk messages into one array: each raw chunk copied once into
-        place, each encoded one decoded into place (zstd) or decoded and copied once (lz4)."""
+    def _read_targets(self, message: pb.Batch, batch: ReceivedBatch) -> None:
+        """The ragged per-image boxes, labels and keypoints of `message`."""
+        targets = message.targets
+        offsets = list(targets.box_offsets)
+        try:
+            boxes = tensor_from_proto(targets.boxes).reshape(-1, 4)
+            keypoints = tensor_from_proto(targets.keypoints)
+        except (ValueError, TypeError) as error:
+            raise self._data_loss(message, f"targets: {error}") from None
+        labels = np.array(targets.box_labels, np.int64)
+        total = len(boxes)
+        if (
+            len(offsets) != message.count + 1 or offsets[0] != 0 or offsets[-1] != total
+            or any(b < a for a, b in zip(offsets, offsets[1:])) or len(labels) != total or len(keypoints) != total
+        ):
+            raise self._data_loss(message, f"targets: offsets {offsets[:4]}... do not cover {total} boxes of {message.count} images")
+        spans = list(zip(offsets, offsets[1:]))
+        batch.boxes = [boxes[a:b] for a, b in spans]
+        batch.box_labels = [labels[a:b] for a, b in spans]
+        batch.keypoints = [keypoints[a:b] for a, b in spans]
+
+    def _assemble(self, message: pb.Batch) -> tuple[np.ndarray, np.ndarray | None]:
+        """Read the batch's Chunk messages into one buffer (the images, then any masks): each raw
+        chunk copied once into place, each encoded one decoded into place (zstd) or decoded and
+        copied once (lz4)."""
         shape = tuple(message.images.shape)
-        images = np.empty(shape, np.dtype(message.images.dtype or "uint8"))
-        flat = images.reshape(-1).view(np.uint8)
+        dtype = np.dtype(message.images.dtype or "uint8")
+        image_bytes = int(np.prod(shape)) * dtype.itemsize
+        mask_shape = tuple(message.masks.shape) if message.HasField("masks") else None
+        if mask_shape is not None and (message.masks_offset != image_bytes or message.masks.dtype != "uint8"):
+            raise self._data_loss(message, f"masks at offset {message.masks_offset}, expected uint8 right after {image_bytes} bytes of images")
+        flat = np.empty(image_bytes + (0 if mask_shape is None else int(np.prod(mask_shape))), np.uint8)
+        images = flat[:image_bytes].view(dtype).reshape(shape)
+        masks = None if mask_shape is None else flat[image_bytes:].reshape(mask_shape)
         filled = 0
         for _ in range(message.chunks):
             received = self._next_message()
@@ -312,7 +361,7 @@ class BatchStream:
             filled += length
         if filled != flat.size:
             raise self._data_loss(message, f"{filled} of {flat.size} bytes came")
-        return images
+        return images, masks
 
     def _data_loss(self, message: pb.Batch, what: str) -> AugserveClientError:
         return AugserveClientError(grpc.StatusCode.DATA_LOSS, f"batch {message.sequence}: {what}", self.last_resume_token)
@@ -353,6 +402,24 @@ class BatchStream:
         mean/std of [0, 1] pixels (or uint8 [N, H, W, 3] with normalize=False)."""
         for batch in self:
             yield to_torch(batch.images, batch.labels, device, normalize, mean, std)
+
+    def torch_targets(
+        self,
+        device: Any = "cpu",
+        normalize: bool = True,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        use_tv_tensors: bool | None = None,
+    ) -> Iterator[tuple[Any, list[dict[str, Any]]]]:
+        """(images, targets): images as `torch` gives them, targets per image as a dict of
+        tensors on `device` (`targets_to_torch`: boxes, labels, keypoints, mask), as
+        torchvision tv_tensors where torchvision imports (`use_tv_tensors` None) or asked to."""
+        tv_tensors = tv_tensors_module() if use_tv_tensors in (None, True) else None
+        if use_tv_tensors and tv_tensors is None:
+            raise ImportError("use_tv_tensors=True needs torchvision (importable against the installed torch)")
+        for batch in self:
+            images, _ = to_torch(batch.images, batch.labels, device, normalize, mean, std)
+            yield images, targets_to_torch(batch, device, tv_tensors)
 
     def pause(self, seconds: float = 0.0) -> None:
         """Tell the server this stream stops being read for a while (validation, a checkpoint):

@@ -170,3 +170,38 @@ def transform_targets(targets: SampleTargets, plan: SamplePlan, rules: TargetRul
     boxes, kept = transform_boxes(targets.boxes, forward, plan.output_size, rules)
     keypoints = transform_keypoints(targets.keypoints[kept], forward, plan.output_size, rules)
     return SampleTargets(boxes, targets.labels[kept], keypoints)
+
+
+@dataclass(frozen=True)
+class TargetRequest:
+    """What a session asks for besides images: boxes (with labels), keypoints (of those boxes'
+    instances: they imply the boxes) and label masks, and the rules at the output's edges
+    (the dataset supplies the flip pairs)."""
+
+    boxes: bool = False
+    keypoints: bool = False
+    masks: bool = False
+    min_area: float = 1.0
+    min_visibility: float = 0.0
+    erase_marks_ignore: bool = False
+
+    def __post_init__(self) -> None:
+        if self.keypoints and not self.boxes:
+            object.__setattr__(self, "boxes", True)
+        TargetRules(self.min_area, self.min_visibility)  # the same bounds, named the same way
+
+    @property
+    def any(self) -> bool:
+        return self.boxes or self.masks
+
+    def rules(self, flip_pairs: tuple[tuple[int, int], ...] = ()) -> TargetRules:
+        return TargetRules(self.min_area, self.min_visibility, flip_pairs, MASK_FILL, self.erase_marks_ignore)
+
+    def key(self) -> str:
+        """Its identity in a stream key: "" when nothing is asked for (a plain stream's key)."""
+        if not self.any:
+            return ""
+        return (
+            f"boxes={int(self.boxes)},keypoints={int(self.keypoints)},masks={int(self.masks)},"
+            f"min_area={self.min_area!r},min_visibility={self.min_visibility!r},erase={int(self.erase_marks_ignore)}"
+        )

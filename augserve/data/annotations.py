@@ -25,7 +25,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 from PIL import Image
@@ -349,13 +349,13 @@ def scan_label_maps(root: str | Path) -> tuple[list[LabelMapPair], list[Problem]
     return pairs, problems
 
 
-def read_label_map(path: str | Path, size: tuple[int, int]) -> np.ndarray:
-    """The [H, W] uint8 labels of a PNG label map for an image of `size` (height, width); a
-    ValueError naming the problem when it is not one."""
+def read_label_map(path: str | Path | BinaryIO, size: tuple[int, int] | None = None) -> np.ndarray:
+    """The [H, W] uint8 labels of a PNG label map (a path or an open file) for an image of
+    `size` (height, width; None: any); a ValueError naming the problem when it is not one."""
     with Image.open(path) as image:
         if image.mode not in ("L", "P"):
             raise ValueError(f"a label map must be a single-channel or palette PNG, not mode {image.mode}")
         labels = np.asarray(image).astype(np.uint8, copy=True)
-    if labels.shape != tuple(size):
+    if size is not None and labels.shape != tuple(size):
         raise ValueError(f"mask is {labels.shape[1]}x{labels.shape[0]}, its image {size[1]}x{size[0]}")
     return labels

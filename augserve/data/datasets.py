@@ -35,6 +35,15 @@ from PIL import Image
 
 from augserve.core.errors import SpecError
 from augserve.core.images import EXIF_ORIENTATION
+from augserve.data.annotated import (
+    CLASSES_FILE,
+    NO_LABEL,
+    DatasetTargets,
+    is_label_map_folder,
+    keep,
+    scan_coco,
+    scan_label_map_folder,
+)
 from augserve.data.demo import cache_root
 from augserve.data.reading import (
     DEFAULT_MAX_FILE_BYTES,
@@ -73,6 +82,8 @@ class Manifest:
     rejected: tuple[tuple[str, str], ...] = ()
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
     allow_outside_root: bool = False
+    # Boxes, keypoints and masks of a COCO file or label-map folder (`augserve.data.annotated`).
+    targets: DatasetTargets | None = None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -253,8 +264,11 @@ def _class_order(names: set[str]) -> tuple[str, ...]:
     return tuple(sorted(names))
 
 
-def _fingerprint(root: Path, entries: list[FileEntry]) -> str:
+def _fingerprint(root: Path, entries: list[FileEntry], annotation_files: list[Path]) -> str:
     digest = hashlib.sha256(str(root).encode())
+    for path in annotation_files:  # the classes come from them
+        status = path.stat()
+        digest.update(f"{path}\0{status.st_size}\0{status.st_mtime_ns}\n".encode())
     for entry in entries:
         digest.update(f"{entry.path}\0{entry.label_name}\0{entry.byte_size}\0{entry.modified_ns}\n".encode())
     return digest.hexdigest()
@@ -285,7 +299,9 @@ def load_manifest(
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
     allow_outside_root: bool = False,
 ) -> Manifest:
-    """The manifest of an ImageFolder tree or CSV file list, from the cache when still valid.
+    """The manifest of an ImageFolder tree, a CSV file list, a COCO file (`.json`) or a
+    label-map folder (`images/` and `masks/`: `augserve.data.annotated`), from the cache when
+    still valid.
 
     Every file is checked before it is listed: a regular file (FIFOs, sockets, devices and
     directories are refused unopened) of at most `max_file_bytes` bytes, inside the dataset root
@@ -302,10 +318,24 @@ def load_manifest(
         raise SpecError("dataset", f"{source} is neither a folder (ImageFolder) nor a regular file (CSV)")
     root = source if source.is_dir() else source.parent
     scan = DatasetScan(root, max_file_bytes, allow_outside_root)
-    if source.is_dir():
+    targets, listed, annotation_files = None, [], []
+    if source.is_file() and source.suffix.lower() == ".json":
+        listed, targets = scan_coco(source)
+        annotation_files = [source]
+    elif is_label_map_folder(source):
+        listed, targets = scan_label_map_folder(source)
+        annotation_files = [path for path in [source / CLASSES_FILE] if path.is_file()]
+    elif source.is_dir():
         scan_image_folder(scan)
     else:
         scan_csv(source, scan)
+    for relative in listed:
+        if not allow_outside_root and (relative == os.pardir or relative.startswith(os.pardir + os.sep) or os.path.isabs(relative)):
+            scan.refuse(relative, "path outside the dataset root (the annotation file's folder)")
+        else:
+            scan.add(relative, "")
+    if targets is not None:
+        targets = replace(keep(targets, listed, [entry.path for entry in scan.entries]), max_file_bytes=max_file_bytes)
     rejected = tuple(scan.rejected)
     _log_rejected(source, rejected)
     entries = scan.entries
@@ -314,8 +344,8 @@ def load_manifest(
         raise SpecError(
             "dataset", f"{source} holds no usable images ({', '.join(IMAGE_EXTENSIONS)}); {len(rejected)} refused{first}"
         )
-    checks = {"rejected": rejected, "max_file_bytes": max_file_bytes, "allow_outside_root": allow_outside_root}
-    fingerprint = _fingerprint(root, entries)
+    checks = {"rejected": rejected, "max_file_bytes": max_file_bytes, "allow_outside_root": allow_outside_root, "targets": targets}
+    fingerprint = _fingerprint(root, entries, annotation_files)
     cache_file = _cache_file(source)
     if use_cache and cache_file.exists():
         try:
@@ -327,12 +357,16 @@ def load_manifest(
     log.info("indexing %d images of %s", len(entries), source)
     with ThreadPoolExecutor(threads) as pool:
         sizes = list(pool.map(_upright_size, (str(root / entry.path) for entry in entries), repeat(max_file_bytes)))
-    classes = _class_order({entry.label_name for entry in entries})
-    class_index = {name: index for index, name in enumerate(classes)}
+    if targets is None:
+        classes = _class_order({entry.label_name for entry in entries})
+        class_index = {name: index for index, name in enumerate(classes)}
+        labels = np.array([class_index[entry.label_name] for entry in entries], np.int64)
+    else:
+        classes, labels = targets.classes, np.full(len(entries), NO_LABEL, np.int64)
     manifest = Manifest(
         root=str(root),
         paths=tuple(entry.path for entry in entries),
-        labels=np.array([class_index[entry.label_name] for entry in entries], np.int64),
+        labels=labels,
         classes=classes,
         byte_sizes=np.array([entry.byte_size for entry in entries], np.int64),
         heights=np.array([size[0] for size in sizes], np.int32),
@@ -383,7 +417,8 @@ class Dataset:
         if split == "all":
             return all_ids
         validation = np.zeros(len(self.manifest), bool)
-        for label in range(len(self.manifest.classes)):
+        # Every label present (an annotated dataset's images all have NO_LABEL).
+        for label in np.unique(self.manifest.labels).tolist():
             members = np.flatnonzero(self.manifest.labels == label)
             rng = np.random.Generator(np.random.Philox(key=[self.split_seed, label]))
             count = int(round(len(members) * self.validation_fraction))

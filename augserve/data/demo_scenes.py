@@ -6,6 +6,7 @@ Layout (what `augserve.data.annotations` reads):
     images/scene_00000.jpg     the picture
     masks/scene_00000.png      its label map: 0 background, 1 circle, 2 square, 3 triangle
     instances.json             COCO: a box, a polygon and the category per shape
+    classes.txt                circle, square, triangle: the label-map folder's classes
 
 Shapes are drawn as polygons (a circle as a 48-gon), the same polygon into the picture, the
 label map and the COCO file, so all three agree; a later shape covers an earlier one. Deterministic
@@ -22,11 +23,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from augserve.data.annotated import CLASSES_FILE, IMAGES_FOLDER, MASKS_FOLDER
 from augserve.data.demo import ensure_generated
 
 SCENE_CLASSES = ("circle", "square", "triangle")
 CORNERS = {"circle": 48, "square": 4, "triangle": 3}
-IMAGES_FOLDER, MASKS_FOLDER, COCO_FILE = "images", "masks", "instances.json"
+COCO_FILE = "instances.json"
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,7 @@ class SceneConfig:
 
     @property
     def folder_name(self) -> str:
-        return f"demo-scenes-v1-n{self.images}-s{self.image_size}-seed{self.seed}-q{self.jpeg_quality}"
+        return f"demo-scenes-v2-n{self.images}-s{self.image_size}-seed{self.seed}-q{self.jpeg_quality}"
 
 
 def _shape(rng: np.random.Generator, size: int) -> tuple[int, list[tuple[float, float]]]:
@@ -105,6 +107,7 @@ def generate_scenes(root: Path, config: SceneConfig) -> None:
     categories = [{"id": index + 1, "name": name} for index, name in enumerate(SCENE_CLASSES)]
     coco = {"images": images, "annotations": annotations, "categories": categories}
     (root / COCO_FILE).write_text(json.dumps(coco), encoding="utf-8")
+    (root / CLASSES_FILE).write_text("".join(f"{name}\n" for name in SCENE_CLASSES), encoding="utf-8")
 
 
 def ensure_demo_scenes(config: SceneConfig = SceneConfig(), root: Path | None = None) -> Path:

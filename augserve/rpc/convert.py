@@ -14,6 +14,7 @@ import numpy as np
 from augserve._proto.augserve.v1 import augserve_pb2 as pb
 from augserve.core.errors import SpecError
 from augserve.core.spec import AugmentSpec
+from augserve.core.targets import TargetRequest
 
 SPLIT_NAMES = {pb.SPLIT_UNSPECIFIED: "train", pb.SPLIT_TRAIN: "train", pb.SPLIT_VALIDATION: "validation", pb.SPLIT_ALL: "all"}
 SPLIT_VALUES = {"train": pb.SPLIT_TRAIN, "validation": pb.SPLIT_VALIDATION, "all": pb.SPLIT_ALL}
@@ -98,6 +99,13 @@ def spec_from_proto(message: pb.AugmentSpec, field: str = "open.spec") -> Augmen
 
 
 # ---- tensors ----
+
+
+def targets_to_proto(targets: TargetRequest) -> pb.TargetRequest:
+    return pb.TargetRequest(
+        boxes=targets.boxes, keypoints=targets.keypoints, masks=targets.masks, min_area=targets.min_area,
+        min_visibility=targets.min_visibility, erase_marks_ignore=targets.erase_marks_ignore,
+    )
 
 
 def tensor_from_proto(message: pb.Tensor) -> np.ndarray:

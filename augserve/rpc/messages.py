@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from typing import Iterator
 
+import numpy as np
+
 from augserve._proto.augserve.v1 import augserve_pb2 as pb
+from augserve.core.targets import SampleTargets
 from augserve.rpc.compression import ChunkEncoder
 from augserve.streaming.limits import Limits
 from augserve.streaming.session import Delivery, EpochEnded, Event, StreamEnded, StreamFacts
@@ -60,14 +63,15 @@ def event_messages(
     or with an `encoder` encoded once from the slot (raw where encoding would not shrink it)."""
     if isinstance(event, Delivery):
         yield _batch_message(event, chunk_bytes)
-        if event.images is not None:
-            flat = event.images.reshape(-1)
+        start = 0
+        for payload in _payload(event):  # the images, then the masks: one run of offsets
+            flat = payload.reshape(-1)
             for offset in range(0, flat.size, chunk_bytes):
                 pixels = flat[offset : offset + chunk_bytes]
                 message = pb.ServerMessage()
                 chunk = message.chunk
                 chunk.sequence = event.sequence
-                chunk.offset = offset
+                chunk.offset = start + offset
                 encoded = None if encoder is None else encoder.encode(memoryview(pixels))
                 if encoded is None:
                     chunk.data = pixels.tobytes()
@@ -76,12 +80,41 @@ def event_messages(
                     chunk.compression = encoder.wire
                     chunk.decoded_length = pixels.size
                 yield message
+            start += flat.size
     elif isinstance(event, EpochEnded):
         yield pb.ServerMessage(epoch_end=pb.EpochEnd(epoch=event.epoch, samples=event.samples, skipped=event.skipped))
     elif isinstance(event, StreamEnded):
         yield pb.ServerMessage(end=pb.End(reason=event.reason))
     else:
         raise TypeError(f"not a stream event: {event!r}")
+
+
+def _payload(delivery: Delivery) -> list[np.ndarray]:
+    """What an in-band batch's chunks carry, in order (nothing on shared memory)."""
+    if delivery.images is None:
+        return []
+    return [delivery.images] if delivery.masks is None else [delivery.images, delivery.masks]
+
+
+def _chunk_count(payload: list[np.ndarray], chunk_bytes: int) -> int:
+    return sum(-(-array.nbytes // chunk_bytes) for array in payload)
+
+
+def _targets_message(targets: list[SampleTargets], message: pb.BatchTargets) -> None:
+    """Ragged per-image instances as offsets and concatenated values."""
+    counts = [len(item) for item in targets]
+    message.box_offsets.extend(np.concatenate([[0], np.cumsum(counts)]).astype(int).tolist())
+    keypoint_count = max((item.keypoints.shape[1] for item in targets), default=0)
+    boxes = np.concatenate([item.boxes for item in targets]) if targets else np.zeros((0, 4), np.float32)
+    keypoints = (
+        np.concatenate([item.keypoints for item in targets]) if targets and keypoint_count else np.zeros((len(boxes), 0, 3), np.float32)
+    )
+    for tensor, array in ((message.boxes, boxes), (message.keypoints, keypoints)):
+        tensor.shape.extend(array.shape)
+        tensor.dtype = "float32"
+        tensor.data = np.ascontiguousarray(array, np.float32).tobytes()
+    for item in targets:
+        message.box_labels.extend(item.labels.tolist())
 
 
 def _batch_message(delivery: Delivery, chunk_bytes: int) -> pb.ServerMessage:
@@ -102,5 +135,12 @@ def _batch_message(delivery: Delivery, chunk_bytes: int) -> pb.ServerMessage:
     else:
         message.images.shape.extend(delivery.images.shape)
         message.images.dtype = delivery.images.dtype.name
-        message.chunks = -(-delivery.images.nbytes // chunk_bytes)
+        message.chunks = _chunk_count(_payload(delivery), chunk_bytes)
+    if delivery.targets is not None:
+        _targets_message(delivery.targets, message.targets)
+    if delivery.masks is not None or delivery.masks_offset > 0:
+        height, width = delivery.owner.output_size
+        message.masks.shape.extend((delivery.count, height, width))
+        message.masks.dtype = "uint8"
+        message.masks_offset = delivery.masks_offset
     return server_message

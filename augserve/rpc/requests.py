@@ -13,6 +13,7 @@ from augserve.core.errors import SpecError
 from augserve.core.plan import MAX_SEED
 from augserve.core.policy import BadImagePolicy
 from augserve.core.spec import AugmentSpec
+from augserve.core.targets import TargetRequest
 from augserve.rpc.compression import (
     CODECS,
     COMPRESSION_NAMES,
@@ -83,7 +84,20 @@ def parse_open(
         shm_probe_nonce=message.shm_probe_nonce,
         max_chunk_bytes=message.max_chunk_bytes or DEFAULT_CHUNK_BYTES,
         decode_group_size=message.decode_group_size,
+        targets=parse_targets(message.targets),
     )
+
+
+def parse_targets(message: pb.TargetRequest) -> TargetRequest:
+    """OpenSession.targets as a TargetRequest (unset fields take its defaults)."""
+    rules = {}
+    for name in ("min_area", "min_visibility"):
+        if message.HasField(name):
+            rules[name] = getattr(message, name)
+    try:
+        return TargetRequest(message.boxes, message.keypoints, message.masks, erase_marks_ignore=message.erase_marks_ignore, **rules)
+    except SpecError as error:
+        raise SpecError(f"open.{error.field}", error.message) from None
 
 
 def parse_compression(message: pb.OpenSession) -> Compression:

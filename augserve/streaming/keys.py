@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from augserve.core.targets import TargetRequest
 from augserve.core.tokens import ResumeToken
 
 __all__ = ["ResumeToken", "StreamKey", "stream_hash"]
@@ -32,6 +33,12 @@ class StreamKey:
     on_bad_image: str
     max_decoded_pixels: int
     shared_memory: bool
+    targets: TargetRequest = TargetRequest()
+
+    @property
+    def pixel_bytes(self) -> int:
+        """Bytes a slot holds per output pixel: RGB, and a label where masks are asked for."""
+        return 3 + int(self.targets.masks)
 
     @property
     def order_key(self) -> tuple:
@@ -46,5 +53,7 @@ class StreamKey:
     @property
     def token_hash(self) -> str:
         """Identity for resume tokens: everything but the memory kind (transport may change)."""
-        parts = {name: getattr(self, name) for name in self.__dataclass_fields__ if name != "shared_memory"}
+        parts = {name: getattr(self, name) for name in self.__dataclass_fields__ if name not in ("shared_memory", "targets")}
+        if self.targets.any:  # absent otherwise, so that a plain stream's tokens stay as they were
+            parts["targets"] = self.targets.key()
         return stream_hash(parts)

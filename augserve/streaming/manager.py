@@ -143,12 +143,13 @@ class SessionManager:
             on_bad_image=request.bad_image_policy.on_bad_image,
             max_decoded_pixels=request.bad_image_policy.max_pixels,
             shared_memory=shared_memory,
+            targets=request.targets,
         )
         cursor = self._start_cursor(request, key, shard_size)
         prefetch = request.prefetch or self.limits.default_prefetch
         # Endless streams end after the last epoch plans can number.
         end_epoch = request.epochs or MAX_EPOCH + 1
-        inband_bytes = 0 if shared_memory else INBAND_COPIES * request.batch_size * output_size[0] * output_size[1] * 3
+        inband_bytes = 0 if shared_memory else INBAND_COPIES * request.batch_size * output_size[0] * output_size[1] * key.pixel_bytes
         with self._lock:
             self._reap()
             if self.shutting_down:
@@ -205,6 +206,7 @@ class SessionManager:
             )
         if len(request.spec.ops) > limits.max_spec_ops:
             raise LimitError(f"open.spec.ops: {len(request.spec.ops)} ops is over the limit of {limits.max_spec_ops}")
+        self._check_targets(request, dataset)
         split_ids = dataset.split_ids(request.split)
         output_size = request.spec.fixed_output_size or dataset.manifest.uniform_size(split_ids)
         if output_size is None:
@@ -215,7 +217,7 @@ class SessionManager:
             )
         if output_size[0] * output_size[1] > limits.max_output_pixels:
             raise LimitError(f"open.spec: output {output_size[0]}x{output_size[1]} is over the limit of {limits.max_output_pixels} pixels")
-        batch_bytes = request.batch_size * output_size[0] * output_size[1] * 3
+        batch_bytes = request.batch_size * output_size[0] * output_size[1] * (3 + int(request.targets.masks))
         if batch_bytes > limits.max_batch_bytes:
             raise LimitError(f"open.batch_size: a batch of {batch_bytes} bytes is over the limit of {limits.max_batch_bytes}")
         shard_size = shard_samples(len(split_ids), request.shard_index, request.shard_count)
@@ -224,6 +226,20 @@ class SessionManager:
         if request.drop_last and shard_size < request.batch_size:
             raise SpecError("open.drop_last", f"the shard has {shard_size} samples, fewer than one batch of {request.batch_size}")
         return dataset, split_ids, output_size, shard_size
+
+    @staticmethod
+    def _check_targets(request: SessionRequest, dataset: Dataset) -> None:
+        """The targets asked for are ones the dataset's annotations have."""
+        wanted = request.targets
+        annotations = dataset.manifest.targets
+        for name, asked, has in (
+            ("boxes", wanted.boxes and not wanted.keypoints, annotations is not None and annotations.has_boxes),
+            ("keypoints", wanted.keypoints, annotations is not None and annotations.has_keypoints),
+            ("masks", wanted.masks, annotations is not None and annotations.has_masks),
+        ):
+            if asked and not has:
+                kind = "no annotations" if annotations is None else f"annotations of kind {annotations.kind!r}"
+                raise SpecError(f"open.targets.{name}", f"dataset {request.dataset!r} has {kind}, without {name}")
 
     @staticmethod
     def _start_cursor(request: SessionRequest, key: StreamKey, shard_size: int) -> Cursor:
@@ -302,7 +318,7 @@ class SessionManager:
         bytes the caller is about to take, in `decode_group` from `cursor` on (manager lock
         held)."""
         slot_count = prefetch + self.limits.group_window
-        self._check_budget(reserved + slot_count * key.batch_size * output_size[0] * output_size[1] * 3, purpose)
+        self._check_budget(reserved + slot_count * key.batch_size * output_size[0] * output_size[1] * key.pixel_bytes, purpose)
         producer = Producer(
             key=key, dataset=dataset, spec=spec, split_ids=split_ids, output_size=output_size,
             cursor=cursor, slot_count=slot_count, backend=self.backend, scheduler=self.scheduler,

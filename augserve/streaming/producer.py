@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from augserve.backends.base import Backend, decodes_apart, read_ahead_batches
-from augserve.backends.batch import Batch, finish_batch, prepare_batch, run_batch
+from augserve.backends.batch import Batch, finish_batch, load_targets, prepare_batch, run_batch
 from augserve.core.errors import AugserveError
 from augserve.core.images import HeaderCache
 from augserve.core.policy import BadImagePolicy
@@ -117,7 +117,9 @@ class Producer:
         self.layout = EpochLayout(
             shard_samples(len(split_ids), key.shard_index, key.shard_count), key.batch_size, key.drop_last
         )
-        self.slot_bytes = key.batch_size * output_size[0] * output_size[1] * 3
+        # A slot: the batch's images, then (with masks asked for) its label maps from masks_offset.
+        self.masks_offset = key.batch_size * output_size[0] * output_size[1] * 3
+        self.slot_bytes = key.batch_size * output_size[0] * output_size[1] * key.pixel_bytes
         self.ring = SlotRing(slot_count, self.slot_bytes, key.shared_memory)
         self.slots = SlotTable(slot_count)
         self.members: list[Session] = []
@@ -212,6 +214,12 @@ class Producer:
         """[N, H, W, 3] uint8 view of a buffered batch's slot."""
         return self.ring.view(batch.slot, (len(batch.sample_ids), *self.output_size, 3))
 
+    def masks_of(self, batch: ProducedBatch) -> np.ndarray | None:
+        """[N, H, W] uint8 view of a buffered batch's label maps (None without masks)."""
+        if not self.key.targets.masks:
+            return None
+        return self.ring.view(batch.slot, (len(batch.sample_ids), *self.output_size), self.masks_offset)
+
     def close_ring(self) -> None:
         """Free the ring (unlink its shared-memory file); only once the thread has returned."""
         self.ring.close()
@@ -303,18 +311,22 @@ class Producer:
         if self.stopped:
             return None
         out = self.ring.view_for_writing(slot, (len(ids), *self.output_size, 3))
+        targets = self.key.targets
+        masks_out = self.ring.view(slot, (len(ids), *self.output_size), self.masks_offset) if targets.masks else None
         decoded = self._decode_step(cursor, until_epoch)
         read_files = partial(read_sources, self.dataset.manifest, ids)
         try:
             sources = read_files() if decoded is None else decoded.read(read_files)
             prepared = prepare_batch(self.spec, self.key.seed, cursor[0], sources, self._policy, out=out, headers=self._headers)
+            if targets.any:
+                load_targets(prepared, self.dataset.manifest.targets, targets)
             result = run_batch(self._backend, prepared, decoded, self._turn)
         except _Stopped:
             return None
         finally:
             if decoded is not None:
                 decoded.close()
-        batch = finish_batch(prepared, result)
+        batch = finish_batch(prepared, result, masks_out)
         if decoded is None:
             self._counters.add(images_decoded=len(batch.sample_ids))
         return batch, time.perf_counter() - started
@@ -406,6 +418,7 @@ class Producer:
             end_of_epoch=next_cursor[0] != epoch,
             epoch_skipped=skipped_total,
             produced_at=time.monotonic(),
+            targets=batch.targets,
         )
         self.slots.add(produced)
         for member in self.members:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from augserve.core.policy import BadImagePolicy
 from augserve.core.spec import AugmentSpec
+from augserve.core.targets import TargetRequest
 from augserve.streaming.keys import ResumeToken
 
 
@@ -32,3 +33,4 @@ class SessionRequest:
     shm_probe_nonce: bytes
     max_chunk_bytes: int = 0  # in-band: most pixel bytes per Chunk message; 0: the default
     decode_group_size: int = 0  # sessions expected on this dataset order, any spec (a new producer waits for them)
+    targets: TargetRequest = TargetRequest()  # boxes, keypoints, masks besides the images

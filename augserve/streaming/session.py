@@ -69,6 +69,12 @@ class Delivery:
     samples_per_epoch: int
     owner: Producer
     owner_sequence: int
+    # With targets asked for: per image its instances, and in-band the [count, H, W] label maps
+    # (a view of the slot, as `images`); masks_offset: where they start in the slot (shared
+    # memory) or in the chunks' payload (in-band: right after the images).
+    targets: list | None = None
+    masks: np.ndarray | None = None
+    masks_offset: int = 0
 
     @property
     def count(self) -> int:
@@ -289,12 +295,24 @@ class Session:
             images=None if shared_memory else producer.images_of(batch),
             slot=batch.slot,
             shm_name=producer.ring.name or "",
+            targets=batch.targets,
+            masks=None if shared_memory else producer.masks_of(batch),
+            masks_offset=self._masks_offset(producer, count),
             end_of_epoch=batch.end_of_epoch,
             epoch_skipped=batch.epoch_skipped,
             samples_per_epoch=producer.layout.samples_per_epoch,
             owner=producer,
             owner_sequence=batch.sequence,
         )
+
+    def _masks_offset(self, producer: Producer, count: int) -> int:
+        """Where a batch's label maps start: in the slot (shared memory), or after the images in
+        the chunks' payload (in-band); 0 without masks."""
+        if not self.key.targets.masks:
+            return 0
+        if self.key.shared_memory:
+            return producer.masks_offset
+        return count * producer.output_size[0] * producer.output_size[1] * 3
 
     def take_outstanding(self) -> dict[int, tuple[Producer, int]]:
         """Forget the sent, unreleased batches (closing); the caller drops their references."""

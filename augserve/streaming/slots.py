@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from augserve.core.targets import SampleTargets
 from augserve.streaming.cursor import Cursor
 
 
@@ -31,6 +32,7 @@ class ProducedBatch:
     epoch_skipped: int  # images skipped so far in this batch's epoch
     produced_at: float  # time.monotonic() when it was made
     references: int = 0
+    targets: list[SampleTargets] | None = None  # per image, with boxes asked for
 
     @property
     def cursor(self) -> Cursor:

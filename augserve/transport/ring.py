@@ -298,12 +298,12 @@ class SlotRing:
         else:
             self._memory = np.empty(self._size, np.uint8)
 
-    def view(self, slot: int, shape: tuple[int, ...]) -> np.ndarray:
-        """The first prod(shape) bytes of `slot` as a uint8 array of `shape`, for reading."""
-        start = slot * self.slot_bytes
+    def view(self, slot: int, shape: tuple[int, ...], offset: int = 0) -> np.ndarray:
+        """prod(shape) bytes of `slot` from byte `offset` as a uint8 array of `shape`, for reading."""
+        start = slot * self.slot_bytes + offset
         return self._memory[start : start + int(np.prod(shape))].reshape(shape)
 
-    def view_for_writing(self, slot: int, shape: tuple[int, ...]) -> np.ndarray:
+    def view_for_writing(self, slot: int, shape: tuple[int, ...], offset: int = 0) -> np.ndarray:
         """`view`, once the file is known to still have all its bytes; raises `RingDamaged`
         (an `UnavailableError`) where another process truncated it.
 
@@ -314,7 +314,7 @@ class SlotRing:
             size = os.fstat(self._fd).st_size
             if size < self._size:
                 raise RingDamaged(self.name or "", size, self._size)
-        return self.view(slot, shape)
+        return self.view(slot, shape, offset)
 
     def close(self) -> None:
         """Unlink the shared-memory file (clients that mapped it keep their mapping), then
@@ -352,8 +352,10 @@ class SlotReader:
         self._memory = np.frombuffer(self._map, np.uint8)  # read-only, as the mapping is
         self.slot_bytes = slot_bytes
 
-    def view(self, slot: int, shape: tuple[int, ...]) -> np.ndarray:
-        start = slot * self.slot_bytes
+    def view(self, slot: int, shape: tuple[int, ...], offset: int = 0) -> np.ndarray:
+        start = slot * self.slot_bytes + offset
+        if offset + int(np.prod(shape)) > self.slot_bytes or start + int(np.prod(shape)) > self._memory.size:
+            raise ValueError(f"bytes [{offset}, {offset + int(np.prod(shape))}) of slot {slot} are outside the segment's slots")
         return self._memory[start : start + int(np.prod(shape))].reshape(shape)
 
     def close(self) -> None:

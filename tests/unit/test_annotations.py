@@ -16,6 +16,7 @@ from pycocotools import mask as coco_mask
 
 from augserve.core.targets import MASK_FILL
 from augserve.data.annotations import load_coco, read_label_map, scan_label_maps
+from helpers import uncompressed_rle
 
 HEIGHT, WIDTH = 40, 60
 KEYPOINT_NAMES = ["nose", "left_eye", "right_eye", "left_hand", "right_hand"]
@@ -25,19 +26,6 @@ def rectangle_mask(top: int, left: int, height: int, width: int) -> np.ndarray:
     mask = np.zeros((HEIGHT, WIDTH), np.uint8)
     mask[top : top + height, left : left + width] = 1
     return mask
-
-
-def uncompressed_rle(mask: np.ndarray) -> dict:
-    """COCO's uncompressed RLE: run lengths in column-major order, starting with zeros."""
-    flat = mask.flatten(order="F")
-    counts, current, run = [], 0, 0
-    for value in flat:
-        if value != current:
-            counts.append(run)
-            current, run = value, 0
-        run += 1
-    counts.append(run)
-    return {"size": [HEIGHT, WIDTH], "counts": [int(count) for count in counts]}
 
 
 def write_coco(path) -> None:

@@ -120,7 +120,7 @@ class AugmentSpec(_message.Message):
     def __init__(self, ops: _Optional[_Iterable[_Union[Op, _Mapping]]] = ..., fill_mode: _Optional[str] = ..., fill_value: _Optional[int] = ...) -> None: ...
 
 class OpenSession(_message.Message):
-    __slots__ = ("dataset", "split", "spec", "batch_size", "seed", "epochs", "shard_index", "shard_count", "transport", "prefetch", "resume_token", "on_bad_image", "drop_last", "eval_size", "group_policy", "shm_probe_name", "shm_probe_nonce", "group_size", "max_chunk_bytes", "compression", "compression_level", "decode_group_size")
+    __slots__ = ("dataset", "split", "spec", "batch_size", "seed", "epochs", "shard_index", "shard_count", "transport", "prefetch", "resume_token", "on_bad_image", "drop_last", "eval_size", "group_policy", "shm_probe_name", "shm_probe_nonce", "group_size", "max_chunk_bytes", "compression", "compression_level", "decode_group_size", "targets")
     DATASET_FIELD_NUMBER: _ClassVar[int]
     SPLIT_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
@@ -143,6 +143,7 @@ class OpenSession(_message.Message):
     COMPRESSION_FIELD_NUMBER: _ClassVar[int]
     COMPRESSION_LEVEL_FIELD_NUMBER: _ClassVar[int]
     DECODE_GROUP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    TARGETS_FIELD_NUMBER: _ClassVar[int]
     dataset: str
     split: Split
     spec: AugmentSpec
@@ -165,7 +166,24 @@ class OpenSession(_message.Message):
     compression: Compression
     compression_level: int
     decode_group_size: int
-    def __init__(self, dataset: _Optional[str] = ..., split: _Optional[_Union[Split, str]] = ..., spec: _Optional[_Union[AugmentSpec, _Mapping]] = ..., batch_size: _Optional[int] = ..., seed: _Optional[int] = ..., epochs: _Optional[int] = ..., shard_index: _Optional[int] = ..., shard_count: _Optional[int] = ..., transport: _Optional[_Union[Transport, str]] = ..., prefetch: _Optional[int] = ..., resume_token: _Optional[bytes] = ..., on_bad_image: _Optional[_Union[BadImagePolicy, str]] = ..., drop_last: _Optional[bool] = ..., eval_size: _Optional[_Iterable[int]] = ..., group_policy: _Optional[_Union[GroupPolicy, str]] = ..., shm_probe_name: _Optional[str] = ..., shm_probe_nonce: _Optional[bytes] = ..., group_size: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., compression: _Optional[_Union[Compression, str]] = ..., compression_level: _Optional[int] = ..., decode_group_size: _Optional[int] = ...) -> None: ...
+    targets: TargetRequest
+    def __init__(self, dataset: _Optional[str] = ..., split: _Optional[_Union[Split, str]] = ..., spec: _Optional[_Union[AugmentSpec, _Mapping]] = ..., batch_size: _Optional[int] = ..., seed: _Optional[int] = ..., epochs: _Optional[int] = ..., shard_index: _Optional[int] = ..., shard_count: _Optional[int] = ..., transport: _Optional[_Union[Transport, str]] = ..., prefetch: _Optional[int] = ..., resume_token: _Optional[bytes] = ..., on_bad_image: _Optional[_Union[BadImagePolicy, str]] = ..., drop_last: _Optional[bool] = ..., eval_size: _Optional[_Iterable[int]] = ..., group_policy: _Optional[_Union[GroupPolicy, str]] = ..., shm_probe_name: _Optional[str] = ..., shm_probe_nonce: _Optional[bytes] = ..., group_size: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., compression: _Optional[_Union[Compression, str]] = ..., compression_level: _Optional[int] = ..., decode_group_size: _Optional[int] = ..., targets: _Optional[_Union[TargetRequest, _Mapping]] = ...) -> None: ...
+
+class TargetRequest(_message.Message):
+    __slots__ = ("boxes", "keypoints", "masks", "min_area", "min_visibility", "erase_marks_ignore")
+    BOXES_FIELD_NUMBER: _ClassVar[int]
+    KEYPOINTS_FIELD_NUMBER: _ClassVar[int]
+    MASKS_FIELD_NUMBER: _ClassVar[int]
+    MIN_AREA_FIELD_NUMBER: _ClassVar[int]
+    MIN_VISIBILITY_FIELD_NUMBER: _ClassVar[int]
+    ERASE_MARKS_IGNORE_FIELD_NUMBER: _ClassVar[int]
+    boxes: bool
+    keypoints: bool
+    masks: bool
+    min_area: float
+    min_visibility: float
+    erase_marks_ignore: bool
+    def __init__(self, boxes: _Optional[bool] = ..., keypoints: _Optional[bool] = ..., masks: _Optional[bool] = ..., min_area: _Optional[float] = ..., min_visibility: _Optional[float] = ..., erase_marks_ignore: _Optional[bool] = ...) -> None: ...
 
 class Credit(_message.Message):
     __slots__ = ("batches",)
@@ -246,7 +264,7 @@ class Tensor(_message.Message):
     def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class Batch(_message.Message):
-    __slots__ = ("sequence", "epoch", "position", "count", "images", "slot", "labels", "sample_ids", "resume_token", "skipped", "shm_name", "chunks")
+    __slots__ = ("sequence", "epoch", "position", "count", "images", "slot", "labels", "sample_ids", "resume_token", "skipped", "shm_name", "chunks", "targets", "masks", "masks_offset")
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
@@ -259,6 +277,9 @@ class Batch(_message.Message):
     SKIPPED_FIELD_NUMBER: _ClassVar[int]
     SHM_NAME_FIELD_NUMBER: _ClassVar[int]
     CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    TARGETS_FIELD_NUMBER: _ClassVar[int]
+    MASKS_FIELD_NUMBER: _ClassVar[int]
+    MASKS_OFFSET_FIELD_NUMBER: _ClassVar[int]
     sequence: int
     epoch: int
     position: int
@@ -271,7 +292,22 @@ class Batch(_message.Message):
     skipped: _containers.RepeatedScalarFieldContainer[str]
     shm_name: str
     chunks: int
-    def __init__(self, sequence: _Optional[int] = ..., epoch: _Optional[int] = ..., position: _Optional[int] = ..., count: _Optional[int] = ..., images: _Optional[_Union[Tensor, _Mapping]] = ..., slot: _Optional[int] = ..., labels: _Optional[_Iterable[int]] = ..., sample_ids: _Optional[_Iterable[int]] = ..., resume_token: _Optional[bytes] = ..., skipped: _Optional[_Iterable[str]] = ..., shm_name: _Optional[str] = ..., chunks: _Optional[int] = ...) -> None: ...
+    targets: BatchTargets
+    masks: Tensor
+    masks_offset: int
+    def __init__(self, sequence: _Optional[int] = ..., epoch: _Optional[int] = ..., position: _Optional[int] = ..., count: _Optional[int] = ..., images: _Optional[_Union[Tensor, _Mapping]] = ..., slot: _Optional[int] = ..., labels: _Optional[_Iterable[int]] = ..., sample_ids: _Optional[_Iterable[int]] = ..., resume_token: _Optional[bytes] = ..., skipped: _Optional[_Iterable[str]] = ..., shm_name: _Optional[str] = ..., chunks: _Optional[int] = ..., targets: _Optional[_Union[BatchTargets, _Mapping]] = ..., masks: _Optional[_Union[Tensor, _Mapping]] = ..., masks_offset: _Optional[int] = ...) -> None: ...
+
+class BatchTargets(_message.Message):
+    __slots__ = ("box_offsets", "boxes", "box_labels", "keypoints")
+    BOX_OFFSETS_FIELD_NUMBER: _ClassVar[int]
+    BOXES_FIELD_NUMBER: _ClassVar[int]
+    BOX_LABELS_FIELD_NUMBER: _ClassVar[int]
+    KEYPOINTS_FIELD_NUMBER: _ClassVar[int]
+    box_offsets: _containers.RepeatedScalarFieldContainer[int]
+    boxes: Tensor
+    box_labels: _containers.RepeatedScalarFieldContainer[int]
+    keypoints: Tensor
+    def __init__(self, box_offsets: _Optional[_Iterable[int]] = ..., boxes: _Optional[_Union[Tensor, _Mapping]] = ..., box_labels: _Optional[_Iterable[int]] = ..., keypoints: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class Chunk(_message.Message):
     __slots__ = ("sequence", "offset", "data", "compression", "decoded_length")
