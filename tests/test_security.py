@@ -40,8 +40,9 @@ def stream_one(client: Client) -> int:
 
 
 def test_tls_with_tokens_admits_the_right_token_only(pki, dataset):
-    tls = TlsFiles(pki["server_cert"], pki["server_key"])
-    server = create_server(ServerConfig(backend="opencv", datasets=dataset, tls=tls, token_file=pki["tokens"]))
+    server = create_server(ServerConfig(
+        backend="opencv", datasets=dataset, tls_cert=pki["server_cert"], tls_key=pki["server_key"], token_file=pki["tokens"]
+    ))
     try:
         trusted = TlsFiles(peer_ca=pki["ca"])
         with Client(server.address, token="secret-two", tls=trusted) as good:
@@ -71,8 +72,9 @@ def test_tls_with_tokens_admits_the_right_token_only(pki, dataset):
 
 
 def test_mutual_tls_requires_a_client_certificate(pki, dataset):
-    tls = TlsFiles(pki["server_cert"], pki["server_key"], pki["ca"])
-    server = create_server(ServerConfig(backend="opencv", datasets=dataset, tls=tls))
+    server = create_server(ServerConfig(
+        backend="opencv", datasets=dataset, tls_cert=pki["server_cert"], tls_key=pki["server_key"], tls_client_ca=pki["ca"]
+    ))
     try:
         with Client(server.address, tls=TlsFiles(pki["client_cert"], pki["client_key"], pki["ca"])) as client:
             assert stream_one(client) == 20

@@ -4,6 +4,7 @@ resume, the command line and data parallelism under torchrun."""
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import os
@@ -212,6 +213,17 @@ def test_command_line_with_keras_flags_writes_the_resolved_config(tiny_server, t
     assert saved.data.augment_spec().fixed_output_size == (24, 24)
     assert train_main(["--endpoint", tiny_server.address, "--dataset", "tiny", "--lr", "-1"]) == 2
     assert "optimizer.learning_rate" in capsys.readouterr().err
+
+
+def test_the_progress_bar_is_drawn_on_a_terminal_and_nowhere_else(tiny_server, tmp_path, monkeypatch):
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    for stream, drawn in ((io.StringIO(), False), (Terminal(), True)):
+        monkeypatch.setattr(sys, "stderr", stream)
+        train(config_for(tiny_server, tmp_path / str(drawn), data={"epochs": 1}, run={"progress": True}))
+        assert ("\r" in stream.getvalue()) == drawn and ("epoch 1/1" in stream.getvalue()) == drawn
 
 
 def test_torchrun_with_two_processes_trains_on_disjoint_shards(tiny_server, tmp_path, caplog):

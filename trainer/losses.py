@@ -30,20 +30,15 @@ mini-batch's loss as it is (Keras' kernel_regularizer); it is independent of the
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
-from trainer.config import (
-    check_bool,
-    check_choice,
-    check_number,
-    config_from_dict,
-    config_to_dict,
-    registrar,
-)
+from augserve.core.config import ConfigModel, Flag, NonNegativeNumber, Text, config_dataclass, one_of
+from trainer.config import registrar
 from trainer.optim import split_parameters
 
 
@@ -110,20 +105,19 @@ class MeanSquaredError(DataLoss):
         return F.mse_loss(probabilities, targets)
 
 
-@dataclass(frozen=True)
-class LossConfig:
+@config_dataclass
+class LossConfig(ConfigModel):
     """The data loss and the penalty coefficients (see the module docstring)."""
 
-    name: str = "cross_entropy"  # cross_entropy | binary_cross_entropy | mse
-    l1: float = 0.0  # lambda of sum|theta|, >= 0
-    l2: float = 0.0  # lambda of sum theta^2, >= 0; both > 0 is the elastic net
-    penalize_biases_and_norms: bool = False  # also penalize 1-d parameters
+    config_name = "loss"
 
-    def __post_init__(self) -> None:
-        check_choice("name", self.name, tuple(DATA_LOSSES))
-        object.__setattr__(self, "l1", check_number("l1", self.l1, low=0.0))
-        object.__setattr__(self, "l2", check_number("l2", self.l2, low=0.0))
-        check_bool("penalize_biases_and_norms", self.penalize_biases_and_norms)
+    name: Annotated[Text, one_of(DATA_LOSSES)] = Field(
+        "cross_entropy", description="cross_entropy | binary_cross_entropy | mse"
+    )
+    l1: NonNegativeNumber = Field(0.0, description="L1 penalty coefficient: lambda of sum|theta|")
+    # both > 0 is the elastic net
+    l2: NonNegativeNumber = Field(0.0, description="L2 penalty coefficient: lambda of sum theta^2")
+    penalize_biases_and_norms: Flag = False  # also penalize 1-d parameters
 
     @property
     def regularization(self) -> str:
@@ -134,13 +128,6 @@ class LossConfig:
             (False, True): "l2",
             (True, True): "elastic_net",
         }[(self.l1 > 0, self.l2 > 0)]
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any] | None) -> LossConfig:
-        return config_from_dict(cls, data, "loss")
-
-    def to_dict(self) -> dict[str, Any]:
-        return config_to_dict(self)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Metrics out of a training run: JSON lines, CSV tables and a progress line."""
+"""Metrics out of a training run: JSON lines, CSV tables and a progress bar."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any, TextIO
+
+from tqdm import tqdm
 
 STEP_COLUMNS = ("epoch", "step", "batch_loss", "data_loss", "penalty", "accuracy", "learning_rate", "images_per_second", "data_wait_fraction")
 EPOCH_COLUMNS = (
@@ -79,24 +81,27 @@ class TrainerGauges:
 
 
 class Progress:
-    """One self-rewriting line on a terminal; silent elsewhere (logs carry the numbers)."""
+    """A tqdm bar per epoch on a terminal; nothing at all elsewhere (a pipe, a log file) or when
+    disabled (`run.progress: false`): the log lines carry the numbers."""
 
-    def __init__(self, enabled: bool, stream: TextIO = sys.stderr) -> None:
-        self.stream = stream
-        self.enabled = enabled and stream.isatty()
+    def __init__(self, enabled: bool, stream: TextIO | None = None) -> None:
+        self.stream = sys.stderr if stream is None else stream
+        self.enabled = enabled and self.stream.isatty()
+        self._bar: tqdm | None = None
 
     def update(self, epoch: int, epochs: int, done: int, total: int | None, text: str) -> None:
+        """`done` batches of `total` (None: not known) in epoch `epoch` (0-based) of `epochs`."""
         if not self.enabled:
             return
-        if total:
-            filled = int(20 * min(done, total) / total)
-            bar = f"[{'#' * filled}{'.' * (20 - filled)}] {done}/{total}"
-        else:
-            bar = f"{done}"
-        self.stream.write(f"\repoch {epoch + 1}/{epochs} {bar} {text}\033[K")
-        self.stream.flush()
+        if self._bar is None:
+            self._bar = tqdm(
+                total=total, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", file=self.stream,
+                dynamic_ncols=True, mininterval=0.2,
+            )
+        self._bar.set_postfix_str(text, refresh=False)
+        self._bar.update(done - self._bar.n)
 
     def finish(self) -> None:
-        if self.enabled:
-            self.stream.write("\n")
-            self.stream.flush()
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None

@@ -10,34 +10,30 @@ against each sample's own label.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 
+from augserve.core.config import ConfigModel, Number, config_dataclass
 from augserve.core.mixing import BatchMix, MixSpec, draw_mix
-from augserve.core.plan import MAX_SEED
-from trainer.config import check_integer, config_from_dict, config_to_dict
+from trainer.config import Seed
 
 
-@dataclass(frozen=True)
-class MixingConfig:
+@config_dataclass
+class MixingConfig(ConfigModel):
     """The `mixing` section: `mixup_alpha` / `cutmix_alpha` (0: off; torchvision's usual 0.2 /
     1.0), `probability` of mixing a batch, `cutmix_share` of mixed batches that take CutMix when
-    both are on, `seed` of the mixes (None: data.seed)."""
+    both are on, `seed` of the mixes (None: data.seed). The ranges are MixSpec's."""
 
-    mixup_alpha: float = 0.0
-    cutmix_alpha: float = 0.0
-    probability: float = 1.0
-    cutmix_share: float = 0.5
-    seed: int | None = None
+    config_name = "mixing"
+
+    mixup_alpha: Number = 0.0
+    cutmix_alpha: Number = 0.0
+    probability: Number = 1.0
+    cutmix_share: Number = 0.5
+    seed: Seed | None = None
 
     def __post_init__(self) -> None:
-        MixSpec(self.mixup_alpha, self.cutmix_alpha, self.probability, self.cutmix_share)  # checks
-        if self.seed is not None:
-            check_integer("seed", self.seed, low=0, high=MAX_SEED)
+        MixSpec(self.mixup_alpha, self.cutmix_alpha, self.probability, self.cutmix_share)  # checks the ranges
 
     @property
     def spec(self) -> MixSpec:
@@ -46,13 +42,6 @@ class MixingConfig:
     @property
     def enabled(self) -> bool:
         return self.spec.enabled
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any] | None) -> MixingConfig:
-        return config_from_dict(cls, data, "mixing")
-
-    def to_dict(self) -> dict[str, Any]:
-        return config_to_dict(self)
 
 
 def apply_mix(

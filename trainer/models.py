@@ -25,21 +25,14 @@ New models register with ``@register_model("name")`` on a factory
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Annotated, Callable
 
 import torch
+from pydantic import AfterValidator, Field
 from torch import nn
 
-from augserve.core.errors import SpecError
-from trainer.config import (
-    check_integer,
-    check_integer_tuple,
-    check_number,
-    config_from_dict,
-    config_to_dict,
-    registrar,
-)
+from augserve.core.config import ConfigModel, Number, PositiveInteger, Text, config_dataclass
+from trainer.config import registrar
 
 TORCHVISION_PREFIX = "torchvision:"
 
@@ -52,45 +45,33 @@ MODELS: dict[str, ModelFactory] = {}
 register_model = registrar("model", MODELS, reserved_prefix=TORCHVISION_PREFIX)
 
 
-@dataclass(frozen=True)
-class ModelConfig:
+def _model_name(name: str) -> str:
+    if name in MODELS or (name.startswith(TORCHVISION_PREFIX) and len(name) > len(TORCHVISION_PREFIX)):
+        return name
+    raise ValueError(f"expected one of {sorted(MODELS)} or 'torchvision:<name>', got {name!r}")
+
+
+Widths = Annotated[tuple[PositiveInteger, ...], Field(min_length=1)]
+
+
+@config_dataclass
+class ModelConfig(ConfigModel):
     """Which model to build and its sizes. Fields a model does not use are ignored by it."""
 
-    name: str = "cnn"  # a registered name (linear | mlp | cnn | resnet | rnn) or torchvision:<name>
-    hidden_sizes: tuple[int, ...] = (256, 128)  # mlp: width of each hidden layer
-    conv_widths: tuple[int, ...] = (16, 32, 64, 64)  # cnn: output channels of each conv block
-    stage_widths: tuple[int, ...] = (32, 64, 128, 256)  # resnet: channels of each stage
-    blocks_per_stage: int = 2  # resnet: BasicBlocks per stage (2 with 4 stages is ResNet-18)
-    rnn_hidden_size: int = 128  # rnn: GRU hidden state size
-    rnn_layers: int = 1  # rnn: stacked GRU layers
-    dropout: float = 0.0  # probability, before the linear head (and between GRU layers)
+    config_name = "model"
 
-    def __post_init__(self) -> None:
-        name = self.name
-        if not isinstance(name, str) or not (
-            name in MODELS
-            or (name.startswith(TORCHVISION_PREFIX) and len(name) > len(TORCHVISION_PREFIX))
-        ):
-            raise SpecError(
-                "name", f"expected one of {sorted(MODELS)} or 'torchvision:<name>', got {name!r}"
-            )
-        for field in ("hidden_sizes", "conv_widths", "stage_widths"):
-            object.__setattr__(self, field, check_integer_tuple(field, getattr(self, field), low=1))
-        check_integer("blocks_per_stage", self.blocks_per_stage, low=1)
-        check_integer("rnn_hidden_size", self.rnn_hidden_size, low=1)
-        check_integer("rnn_layers", self.rnn_layers, low=1)
-        object.__setattr__(
-            self,
-            "dropout",
-            check_number("dropout", self.dropout, low=0.0, high=1.0, high_open=True),
-        )
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any] | None) -> ModelConfig:
-        return config_from_dict(cls, data, "model")
-
-    def to_dict(self) -> dict[str, Any]:
-        return config_to_dict(self)
+    # a registered name (linear | mlp | cnn | resnet | rnn) or torchvision:<name>
+    name: Annotated[Text, AfterValidator(_model_name)] = Field(
+        "cnn", description="linear | mlp | cnn | resnet | rnn | torchvision:NAME"
+    )
+    hidden_sizes: Widths = (256, 128)  # mlp: width of each hidden layer
+    conv_widths: Widths = (16, 32, 64, 64)  # cnn: output channels of each conv block
+    stage_widths: Widths = (32, 64, 128, 256)  # resnet: channels of each stage
+    blocks_per_stage: PositiveInteger = 2  # resnet: BasicBlocks per stage (2 with 4 stages is ResNet-18)
+    rnn_hidden_size: PositiveInteger = 128  # rnn: GRU hidden state size
+    rnn_layers: PositiveInteger = 1  # rnn: stacked GRU layers
+    # probability, before the linear head (and between GRU layers)
+    dropout: Annotated[Number, Field(ge=0.0, lt=1.0)] = 0.0
 
 
 def build_model(

@@ -27,21 +27,14 @@ mlp, rnn, without dropout). With ``gd`` a schedule step is an epoch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, NamedTuple
+from typing import Annotated, Any, Callable, Iterable, NamedTuple
 
 import torch
+from pydantic import Field
 from torch import nn
 
-from augserve.core.errors import SpecError
-from trainer.config import (
-    check_bool,
-    check_choice,
-    check_number,
-    config_from_dict,
-    config_to_dict,
-    registrar,
-)
+from augserve.core.config import ConfigModel, Flag, NonNegativeNumber, Number, Text, config_dataclass, one_of
+from trainer.config import registrar
 
 ParameterGroups = list[dict[str, Any]]
 OptimizerFactory = Callable[["OptimizerConfig", ParameterGroups], torch.optim.Optimizer]
@@ -90,64 +83,31 @@ def _adagrad(config: OptimizerConfig, groups: ParameterGroups) -> torch.optim.Op
     return torch.optim.Adagrad(groups, lr=config.learning_rate, eps=config.eps)
 
 
-@dataclass(frozen=True)
-class OptimizerConfig:
+Beta = Annotated[Number, Field(ge=0.0, lt=1.0)]
+
+
+@config_dataclass
+class OptimizerConfig(ConfigModel):
     """Which optimizer and its hyperparameters. Fields an optimizer does not use are ignored."""
 
-    name: str = "adamw"  # gd | sgd | momentum | nesterov | adam | adamw | rmsprop | adagrad
-    learning_rate: float = 1e-3  # the base rate; the schedule scales it per step, > 0
-    momentum: float = 0.9  # momentum, nesterov: in [0, 1)
-    betas: tuple[float, float] = (0.9, 0.999)  # adam, adamw: each in [0, 1)
-    eps: float = 1e-8  # adam, adamw, rmsprop, adagrad: added to denominators, > 0
-    rmsprop_alpha: float = 0.99  # rmsprop: smoothing constant of the squared-gradient average
-    weight_decay: float = 0.0  # >= 0, on weights only unless decay_biases_and_norms
-    decay_biases_and_norms: bool = False  # also decay 1-d parameters (biases, norm scales/shifts)
+    config_name = "optimizer"
 
-    def __post_init__(self) -> None:
-        check_choice("name", self.name, tuple(OPTIMIZERS))
-        set_value = object.__setattr__
-        set_value(
-            self,
-            "learning_rate",
-            check_number("learning_rate", self.learning_rate, low=0.0, low_open=True),
-        )
-        set_value(
-            self,
-            "momentum",
-            check_number("momentum", self.momentum, low=0.0, high=1.0, high_open=True),
-        )
-        if not isinstance(self.betas, (tuple, list)) or len(self.betas) != 2:
-            raise SpecError(
-                "betas", f"expected [beta1, beta2], each in [0.0, 1.0), got {self.betas!r}"
-            )
-        set_value(
-            self,
-            "betas",
-            tuple(
-                check_number(f"betas[{index}]", beta, low=0.0, high=1.0, high_open=True)
-                for index, beta in enumerate(self.betas)
-            ),
-        )
-        set_value(self, "eps", check_number("eps", self.eps, low=0.0, low_open=True))
-        set_value(
-            self,
-            "rmsprop_alpha",
-            check_number("rmsprop_alpha", self.rmsprop_alpha, low=0.0, high=1.0, high_open=True),
-        )
-        set_value(self, "weight_decay", check_number("weight_decay", self.weight_decay, low=0.0))
-        check_bool("decay_biases_and_norms", self.decay_biases_and_norms)
+    name: Annotated[Text, one_of(OPTIMIZERS)] = Field(
+        "adamw", description="gd | sgd | momentum | nesterov | adam | adamw | rmsprop | adagrad"
+    )
+    # the base rate; the schedule scales it per step
+    learning_rate: Annotated[Number, Field(gt=0.0)] = Field(1e-3, description="learning rate")
+    momentum: Beta = 0.9  # momentum, nesterov
+    betas: Annotated[tuple[Beta, ...], Field(min_length=2, max_length=2)] = (0.9, 0.999)  # adam, adamw
+    eps: Annotated[Number, Field(gt=0.0)] = 1e-8  # adam, adamw, rmsprop, adagrad: added to denominators
+    rmsprop_alpha: Beta = 0.99  # rmsprop: smoothing constant of the squared-gradient average
+    weight_decay: NonNegativeNumber = 0.0  # on weights only unless decay_biases_and_norms
+    decay_biases_and_norms: Flag = False  # also decay 1-d parameters (biases, norm scales/shifts)
 
     @property
     def one_step_per_epoch(self) -> bool:
         """True for `gd`: the loop accumulates scaled gradients over the epoch and steps once."""
         return self.name == "gd"
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any] | None) -> OptimizerConfig:
-        return config_from_dict(cls, data, "optimizer")
-
-    def to_dict(self) -> dict[str, Any]:
-        return config_to_dict(self)
 
 
 class ParameterSplit(NamedTuple):

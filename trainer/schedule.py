@@ -23,10 +23,12 @@ remaining `total_steps - warmup_steps` steps:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any, Mapping, Protocol
+from typing import Annotated, Any, Protocol
 
-from trainer.config import check_choice, check_integer, check_number, config_from_dict, config_to_dict, registrar
+from pydantic import Field
+
+from augserve.core.config import ConfigModel, NonNegativeInteger, Number, PositiveInteger, Text, config_dataclass, one_of
+from trainer.config import registrar
 
 # --- schedules ---------------------------------------------------------------------------------
 
@@ -60,37 +62,18 @@ def _cosine(config: ScheduleConfig, steps_since_warmup: int, decay_steps: int) -
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-@dataclass(frozen=True)
-class ScheduleConfig:
+@config_dataclass
+class ScheduleConfig(ConfigModel):
     """How the learning rate changes with the optimizer step (see the module docstring)."""
 
-    name: str = "cosine"  # constant | step | cosine
-    warmup_steps: int = 0  # linear ramp up to the base rate, reached at step == warmup_steps
-    decay_every_steps: int = 1000  # step: steps between two multiplications by gamma
-    gamma: float = 0.1  # step: factor applied every decay_every_steps, in (0, 1]
-    min_learning_rate_fraction: float = 0.0  # cosine: final rate as a fraction of the base, [0, 1]
+    config_name = "schedule"
 
-    def __post_init__(self) -> None:
-        check_choice("name", self.name, tuple(DECAYS))
-        check_integer("warmup_steps", self.warmup_steps, low=0)
-        check_integer("decay_every_steps", self.decay_every_steps, low=1)
-        object.__setattr__(
-            self, "gamma", check_number("gamma", self.gamma, low=0.0, high=1.0, low_open=True)
-        )
-        object.__setattr__(
-            self,
-            "min_learning_rate_fraction",
-            check_number(
-                "min_learning_rate_fraction", self.min_learning_rate_fraction, low=0.0, high=1.0
-            ),
-        )
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any] | None) -> ScheduleConfig:
-        return config_from_dict(cls, data, "schedule")
-
-    def to_dict(self) -> dict[str, Any]:
-        return config_to_dict(self)
+    name: Annotated[Text, one_of(DECAYS)] = Field("cosine", description="constant | step | cosine")
+    warmup_steps: NonNegativeInteger = 0  # linear ramp up to the base rate, reached at step == warmup_steps
+    decay_every_steps: PositiveInteger = 1000  # step: steps between two multiplications by gamma
+    gamma: Annotated[Number, Field(gt=0.0, le=1.0)] = 0.1  # step: factor applied every decay_every_steps
+    # cosine: final rate as a fraction of the base
+    min_learning_rate_fraction: Annotated[Number, Field(ge=0.0, le=1.0)] = 0.0
 
 
 def learning_rate(config: ScheduleConfig, step: int, total_steps: int, base_lr: float) -> float:

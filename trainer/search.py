@@ -37,8 +37,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from augserve.core.config import set_dotted
 from augserve.core.errors import SpecError
-from trainer.run_config import TrainConfig, set_dotted
+from trainer.run_config import TrainConfig
 
 log = logging.getLogger("sweep.optuna")
 

@@ -37,10 +37,12 @@ from typing import Any, Callable
 import numpy as np
 import yaml
 
+from augserve.core.config import set_dotted
 from augserve.core.errors import AugserveError, SpecError
 from augserve.core.yamlio import load_yaml
+from trainer.cli import FLAGS
 from trainer.progress import ProgressBoard, RunLine
-from trainer.run_config import TrainConfig, set_dotted
+from trainer.run_config import TrainConfig
 
 log = logging.getLogger("sweep")
 SWEEP_KEYS = ("base", "runs", "grid", "random", "optuna", "concurrency", "output")
@@ -304,12 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with open(args.config, encoding="utf-8") as handle:
             sweep = load_yaml(handle) or {}
-        overrides = {}
-        for assignment in args.set:
-            dotted, separator, text = assignment.partition("=")
-            if not separator:
-                raise SpecError("--set", f"expected SECTION.FIELD=VALUE, got {assignment!r}")
-            overrides[dotted] = load_yaml(text)
+        overrides = dict(FLAGS.assignment(assignment) for assignment in args.set)  # as augserve-train reads --set
         plans = plan_runs(sweep, overrides)
     except (OSError, yaml.YAMLError, AugserveError) as error:
         print(f"augserve-sweep: {error}", file=sys.stderr)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import functools
 import json
 import logging
 import sys
@@ -19,7 +19,6 @@ from augserve.core.errors import AugserveError, SpecError
 from augserve.core.images import inspect_image
 from augserve.core.plan import MAX_SAMPLE_ID, explain_plan, make_plan
 from augserve.core.spec import AugmentSpec, load_spec_file
-from augserve.core.yamlio import load_yaml
 from augserve.data.demo import DemoConfig, ensure_demo_dataset
 
 DEFAULT_PREVIEW_SPEC = {
@@ -156,68 +155,51 @@ def _dataset_entry(text: str) -> tuple[str, str]:
     return name, path
 
 
+# Short flags beside the generated ones (`--limits.max-sessions`), kept from before those.
+SERVE_ALIASES = {
+    "--max-sessions": "limits.max_sessions",
+    "--max-batch-size": "limits.max_batch_size",
+    "--max-prefetch": "limits.max_prefetch",
+    "--max-buffer-bytes": "limits.max_buffer_bytes",
+    "--group-window": "limits.group_window",
+    "--stall-seconds": "limits.stall_seconds",
+    "--decoded-cache-bytes": "limits.decoded_cache_bytes",
+}
+SERVE_FIELD_CHANGES = {
+    "port": {"default": 50051},  # the command's; ServerConfig's own 0 suits tests
+    # Limits is a plain dataclass: what its flags' help says.
+    "limits.stall_seconds": {"description": "a member that consumes nothing this long (not paused) leaves its group"},
+    "limits.decoded_cache_bytes": {"description": "decoded images kept for later epochs and experiments (0: off)"},
+}
+
+
+@functools.cache
+def serve_flags() -> Any:
+    """The flags of every ServerConfig field (imported when needed: the server's modules)."""
+    from augserve.core.config import ConfigFlags
+    from augserve.rpc.server import ServerConfig
+
+    return ConfigFlags(ServerConfig, SERVE_ALIASES, SERVE_FIELD_CHANGES)
+
+
 def _server_config(args: argparse.Namespace) -> Any:
-    """ServerConfig from an optional YAML file, then command-line flags over it."""
-    from augserve.rpc.server import DatasetConfig, ServerConfig
-    from augserve.streaming.limits import Limits
+    """ServerConfig from an optional YAML file, then command-line flags, then --set, over it."""
+    from augserve.core.config import read_config_file
+    from augserve.rpc.server import ServerConfig
 
-    settings: dict[str, Any] = {}
-    if args.config:
-        with open(args.config, encoding="utf-8") as handle:
-            settings = load_yaml(handle) or {}
-        if not isinstance(settings, dict):
-            raise SpecError("config", "expected a mapping")
-    known = {
-        "host", "port", "backend", "threads", "datasets", "limits", "grace_seconds", "metrics_port", "metrics_host",
-        "tls_cert", "tls_key", "tls_client_ca", "token_file",
-    }
-    for key in settings:
-        if key not in known:
-            raise SpecError(f"config.{key}", f"unknown key; known: {sorted(known)}")
-    datasets: dict[str, DatasetConfig] = {}
-    for name, entry in (settings.get("datasets") or {}).items():
-        entry = {"path": entry} if isinstance(entry, str) else dict(entry)
-        try:
-            datasets[name] = DatasetConfig(**entry)
-        except TypeError as error:
-            raise SpecError(f"config.datasets.{name}", str(error)) from None
+    flags = serve_flags()
+    settings = {"port": flags.fields["port"].default, **read_config_file(args.config)}
+    flags.apply(settings, args)
+    datasets = settings.get("datasets") or {}
+    if not isinstance(datasets, dict):
+        raise SpecError("config.datasets", f"expected a mapping of names to datasets, got {datasets!r}")
     for name, path in args.dataset or []:
-        datasets[name] = DatasetConfig(path, args.validation_fraction, args.split_seed)
+        datasets[name] = {"path": path, "validation_fraction": args.validation_fraction, "split_seed": args.split_seed}
     if args.demo:
-        datasets.setdefault("demo", DatasetConfig(str(ensure_demo_dataset(DemoConfig())), args.validation_fraction or 0.2))
-    limit_fields = {item.name for item in dataclasses.fields(Limits)}
-    limit_settings = dict(settings.get("limits") or {})
-    for key in limit_settings:
-        if key not in limit_fields:
-            raise SpecError(f"config.limits.{key}", f"unknown limit; known: {sorted(limit_fields)}")
-    for key in limit_fields:
-        value = getattr(args, key, None)
-        if value is not None:
-            limit_settings[key] = value
-    return ServerConfig(
-        host=args.host or settings.get("host", "127.0.0.1"),
-        port=args.port if args.port is not None else int(settings.get("port", 50051)),
-        backend=args.backend or settings.get("backend", "auto"),
-        threads=args.threads or settings.get("threads"),
-        datasets=datasets,
-        limits=Limits(**limit_settings),
-        grace_seconds=float(settings.get("grace_seconds", 10.0)),
-        metrics_port=args.metrics_port if args.metrics_port is not None else settings.get("metrics_port"),
-        metrics_host=args.metrics_host or settings.get("metrics_host"),
-        tls=_tls_files(args, settings),
-        token_file=args.token_file or settings.get("token_file"),
-    )
-
-
-def _tls_files(args: argparse.Namespace, settings: dict[str, Any]) -> Any:
-    from augserve.rpc.security import TlsFiles
-
-    certificate = args.tls_cert or settings.get("tls_cert")
-    key = args.tls_key or settings.get("tls_key")
-    client_ca = args.tls_client_ca or settings.get("tls_client_ca")
-    if not (certificate or key or client_ca):
-        return None
-    return TlsFiles(certificate, key, client_ca)
+        datasets.setdefault("demo", {"path": str(ensure_demo_dataset(DemoConfig())), "validation_fraction": args.validation_fraction or 0.2})
+    settings["datasets"] = datasets
+    flags.apply_assignments(settings, args.set)
+    return ServerConfig.from_dict(settings)
 
 
 def serve_command(args: argparse.Namespace) -> int:
@@ -269,35 +251,17 @@ def build_parser() -> argparse.ArgumentParser:
     explain_parser.set_defaults(handler=explain_command)
 
     serve_parser = commands.add_parser("serve", help="run the augmentation server")
-    serve_parser.add_argument("--config", help="YAML file: host, port, backend, threads, datasets, limits")
-    serve_parser.add_argument("--host", help="address to bind (default 127.0.0.1: loopback only)")
-    serve_parser.add_argument("--port", type=int, help="port (default 50051; 0 picks a free one)")
+    serve_parser.add_argument("--config", help="YAML file: host, port, backend, threads, datasets, limits, ...")
+    serve_parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                              help="override any field, e.g. limits.max_sessions=8 (YAML value)")
     serve_parser.add_argument("--port-file", help="write the bound port to this file once serving")
-    serve_parser.add_argument("--backend", choices=BACKEND_CHOICES, help="default auto")
-    serve_parser.add_argument("--threads", type=int, help="backend worker threads (default: all cores)")
     serve_parser.add_argument("--dataset", action="append", type=_dataset_entry, metavar="NAME=PATH",
                               help="serve an ImageFolder tree or CSV list under NAME (repeatable)")
     serve_parser.add_argument("--demo", action="store_true", help="also serve the built-in demo dataset as 'demo'")
     serve_parser.add_argument("--validation-fraction", type=float, default=0.0,
-                              help="fraction of each class held out as the validation split (default 0)")
+                              help="fraction of each class of --dataset held out as the validation split (default 0)")
     serve_parser.add_argument("--split-seed", type=int, default=0)
-    serve_parser.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (off by default)")
-    serve_parser.add_argument(
-        "--metrics-host", help="address of the metrics endpoint (default: 127.0.0.1 without tokens, --host with them)"
-    )
-    serve_parser.add_argument("--tls-cert", help="PEM certificate: serve TLS (with --tls-key)")
-    serve_parser.add_argument("--tls-key", help="PEM private key of --tls-cert")
-    serve_parser.add_argument("--tls-client-ca", help="PEM CA: require client certificates it signed (mutual TLS)")
-    serve_parser.add_argument("--token-file", help="bearer tokens, one per line (also AUGSERVE_TOKENS=a,b)")
-    serve_parser.add_argument("--max-sessions", dest="max_sessions", type=int)
-    serve_parser.add_argument("--max-batch-size", dest="max_batch_size", type=int)
-    serve_parser.add_argument("--max-prefetch", dest="max_prefetch", type=int)
-    serve_parser.add_argument("--max-buffer-bytes", dest="max_buffer_bytes", type=int)
-    serve_parser.add_argument("--group-window", dest="group_window", type=int)
-    serve_parser.add_argument("--stall-seconds", dest="stall_seconds", type=float,
-                              help="a member that consumes nothing this long (not paused) leaves its group (default 30)")
-    serve_parser.add_argument("--decoded-cache-bytes", dest="decoded_cache_bytes", type=int,
-                              help="decoded images kept for later epochs and experiments (default 1 GiB; 0: off)")
+    serve_flags().add_to(serve_parser)
     serve_parser.set_defaults(handler=serve_command)
 
     index_parser = commands.add_parser("index", help="build (and cache) a dataset's manifest ahead of serving")

@@ -11,17 +11,30 @@ import os
 import signal
 import threading
 from concurrent import futures
-from dataclasses import dataclass, field
+from dataclasses import field
+from typing import Annotated, Any, Literal
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from pydantic import AfterValidator, BeforeValidator, Field
 
 import augserve
 from augserve._proto.augserve.v1 import augserve_pb2_grpc as pb_grpc
-from augserve.backends import create_backend
+from augserve.backends import BACKEND_CHOICES, create_backend
 from augserve.backends.base import Backend, backend_health, concurrent_batches
-from augserve.core.errors import SpecError
+from augserve.core.config import (
+    ConfigModel,
+    Flag,
+    NonNegativeInteger,
+    NonNegativeNumber,
+    Number,
+    Port,
+    PositiveInteger,
+    Text,
+    config_dataclass,
+    plain_dataclass,
+)
 from augserve.data.datasets import Dataset, load_manifest
 from augserve.data.reading import DEFAULT_MAX_FILE_BYTES
 from augserve.rpc import keepalive
@@ -39,42 +52,63 @@ log = logging.getLogger(__name__)
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 
-@dataclass(frozen=True)
+@config_dataclass
 class DatasetConfig:
     """A dataset the server serves: an ImageFolder tree or a CSV file list.
 
     Files (CSV rows, symlink targets) must lie inside the dataset's root (the tree, or the CSV's
     folder) unless `allow_outside_root`; each file is at most `max_file_bytes`."""
 
-    path: str
-    validation_fraction: float = 0.0
-    split_seed: int = 0
-    allow_outside_root: bool = False
-    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
+    path: Text
+    validation_fraction: Annotated[Number, Field(ge=0.0, lt=1.0)] = 0.0  # held out of every class
+    split_seed: NonNegativeInteger = 0
+    allow_outside_root: Flag = False
+    max_file_bytes: PositiveInteger = DEFAULT_MAX_FILE_BYTES
 
 
-@dataclass(frozen=True)
-class ServerConfig:
-    host: str = "127.0.0.1"
-    port: int = 0  # 0: any free port (read AugserveServer.port)
-    backend: str = "auto"
-    threads: int | None = None  # backend worker threads; default: every core
-    datasets: dict[str, DatasetConfig] = field(default_factory=dict)
-    limits: Limits = field(default_factory=Limits)
-    grace_seconds: float = 10.0
-    metrics_port: int | None = None  # Prometheus /metrics on this port (0: any free port)
-    metrics_host: str | None = None  # default: 127.0.0.1 without tokens, the gRPC host with them
-    tls: TlsFiles | None = None  # certificate, key, and a client CA for mutual TLS
-    token_file: str | None = None  # bearer tokens, one per line (and AUGSERVE_TOKENS)
+def _dataset_name(name: str) -> str:
+    if not name or not all(c.isalnum() or c in "-_." for c in name):
+        raise ValueError(f"dataset name {name!r} must be letters, digits, '-', '_' or '.'")
+    return name
 
-    def __post_init__(self) -> None:
-        if not 0 <= self.port <= 65535:
-            raise SpecError("port", f"{self.port} is outside [0, 65535]")
-        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
-            raise SpecError("metrics_port", f"{self.metrics_port} is outside [0, 65535]")
-        for name in self.datasets:
-            if not name or not all(c.isalnum() or c in "-_." for c in name):
-                raise SpecError("datasets", f"dataset name {name!r} must be letters, digits, '-', '_' or '.'")
+
+def _path_or_entry(entry: Any) -> Any:
+    # In a config file a dataset is its path, or a mapping of DatasetConfig's fields.
+    return {"path": entry} if isinstance(entry, str) else entry
+
+
+ServerLimits = plain_dataclass(Limits)  # Limits, validated
+
+
+@config_dataclass
+class ServerConfig(ConfigModel):
+    """The server's configuration: the keys of `augserve serve --config FILE`, each also a flag
+    (`--metrics-port`, `--limits.max-sessions`)."""
+
+    host: Text = Field("127.0.0.1", description="address to bind (127.0.0.1: loopback only)")
+    port: Port = Field(0, description="gRPC port (0: any free port; read AugserveServer.port)")
+    backend: Literal[BACKEND_CHOICES] = "auto"
+    threads: PositiveInteger | None = Field(None, description="backend worker threads (null: every core)")
+    datasets: dict[Annotated[Text, AfterValidator(_dataset_name)], Annotated[DatasetConfig, BeforeValidator(_path_or_entry)]] = field(
+        default_factory=dict
+    )
+    limits: ServerLimits = field(default_factory=Limits)
+    grace_seconds: NonNegativeNumber = Field(10.0, description="how long a shutdown drains live streams")
+    metrics_port: Port | None = Field(None, description="serve Prometheus metrics on this port (0: any free port)")
+    metrics_host: Text | None = Field(
+        None, description="address of the metrics endpoint (null: 127.0.0.1 without tokens, the gRPC host with them)"
+    )
+    tls_cert: Text | None = Field(None, description="PEM certificate: serve TLS (with tls_key)")
+    tls_key: Text | None = Field(None, description="PEM private key of tls_cert")
+    tls_client_ca: Text | None = Field(None, description="PEM CA: require client certificates it signed (mutual TLS)")
+    token_file: Text | None = Field(None, description="bearer tokens, one per line (also AUGSERVE_TOKENS=a,b)")
+
+    @property
+    def tls(self) -> TlsFiles | None:
+        """The certificate, key and client CA, when any is set."""
+        if not (self.tls_cert or self.tls_key or self.tls_client_ca):
+            return None
+        return TlsFiles(self.tls_cert, self.tls_key, self.tls_client_ca)
 
 
 class AugserveServer:
