@@ -26,6 +26,7 @@ from trainer.run_config import TrainConfig
 TRAIN_VALUES: dict[str, Any] = {
     "data.endpoints": ["10.0.0.1:5000", "10.0.0.2:5000"],
     "data.dataset": "pets",
+    "data.task": "segmentation",
     "data.spec": {"ops": [{"flip": {"horizontal": 0.5}}]},
     "data.spec_file": "spec.yaml",
     "data.image_size": [32, 48],
@@ -298,7 +299,7 @@ def test_an_unknown_section_of_the_trainer_is_named():
         ("data.transport", "pigeon", "expected 'auto', 'inband' or 'shared_memory', got 'pigeon'"),
         ("run.amp", "maybe", "expected true or false, got 'maybe'"),
         ("run.device", "tpu", "expected one of ['auto', 'cpu', 'cuda'] (cuda:N for one GPU), got 'tpu'"),
-        ("model.name", "vgg", "expected one of ['cnn', 'linear', 'mlp', 'resnet', 'rnn'] or 'torchvision:<name>', got 'vgg'"),
+        ("model.name", "vgg", "expected one of ['cnn', 'linear', 'mlp', 'resnet', 'rnn', 'unet'] or 'torchvision:<name>', got 'vgg'"),
         ("mixing.probability", 2, "expected a probability in [0, 1], got 2.0"),
     ],
 )

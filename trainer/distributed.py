@@ -82,6 +82,15 @@ def sum_values(values: list[float], ranks: Ranks, device: torch.device) -> list[
     return tensor.tolist()
 
 
+def sum_tensor(tensor: torch.Tensor, ranks: Ranks) -> torch.Tensor:
+    """The tensor summed over ranks (a confusion matrix, for metrics)."""
+    if not ranks.distributed:
+        return tensor
+    total = tensor.clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total
+
+
 def gather(value: Any, ranks: Ranks) -> list[Any]:
     """Every rank's `value`, in rank order."""
     if not ranks.distributed:

@@ -20,16 +20,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 from torch import nn
 
 from augserve.client import Client, ReceivedBatch, open_stream, to_torch
+from augserve.core.targets import TargetRequest
 from trainer import distributed
 from trainer.distributed import Ranks
 from trainer.losses import LossFunction, build_loss
 from trainer.metrics import MetricsLog, Progress, TrainerGauges
 from trainer.mixing import BatchMixer
 from trainer.models import build_model
+from trainer.segmentation import PIXEL_MODELS, confusion_matrix, mean_iou
 from trainer.optim import backward_sum, build_optimizer
 from trainer.run_config import TrainConfig
 from trainer.schedule import learning_rate, set_learning_rate
@@ -46,7 +49,7 @@ class EpochTotals:
     data_loss: float = 0.0  # sum over samples
     penalty: float = 0.0  # sum over steps
     steps: int = 0
-    correct: int = 0
+    correct: float = 0.0  # samples predicted right (segmentation: each sample's share of pixels)
     images: int = 0
     seconds: float = 0.0
     wait_seconds: float = 0.0
@@ -155,6 +158,8 @@ class Trainer:
                 self.model.train()
             return None, 0
         images, labels = to_torch(batch.images, batch.labels, self.device, True, *_normalization())
+        if self.segmentation:
+            labels = torch.from_numpy(batch.masks.astype(np.int64)).to(self.device)
         targets = labels
         if self.mixer is not None:  # soft targets; accuracy stays against each own label
             images, targets = self.mixer(images, labels, batch.epoch, batch.position)
@@ -165,7 +170,7 @@ class Trainer:
             count = len(labels)
             backward_sum(parts.data, count)
         loss_sum = parts.data.detach() * count
-        correct = (self.loss_function.predictions(logits.detach()) == labels).sum()
+        correct = self.loss_function.correct(logits.detach(), labels)
         sums = torch.stack([loss_sum.float(), parts.penalty.detach().float(), correct.float()])
         self.running = sums if self.running is None else self.running + sums
         return loss_sum, count
@@ -178,7 +183,7 @@ class Trainer:
         totals = self.state.totals
         totals.data_loss += loss_sum
         totals.penalty += penalty
-        totals.correct += int(round(correct))
+        totals.correct += correct
         self.running = None
 
     def _step(self, sample_count: int) -> float:
@@ -283,27 +288,53 @@ class Trainer:
 
     # --- validation ---
 
-    def evaluate(self, epoch: int = 0) -> tuple[float, float]:
-        """(mean data loss, accuracy) over the validation split, every rank its shard. The
+    @property
+    def segmentation(self) -> bool:
+        return self.config.data.task == "segmentation"
+
+    def _validation_batches(self, stream: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(images, labels) of a validation stream: class indices, or label maps [N, H, W]."""
+        if not self.segmentation:
+            yield from stream.torch(self.device, True, *_normalization())
+            return
+        for images, targets in stream.torch_targets(self.device, True, *_normalization(), use_tv_tensors=False):
+            yield images, torch.stack([target["mask"] for target in targets])
+
+    def evaluate(self, epoch: int = 0) -> tuple[float, float, float]:
+        """(mean data loss, accuracy, mIoU) over the validation split, every rank its shard
+        (accuracy per pixel and mIoU for segmentation; mIoU NaN for classification). The
         trainers of a sweep that validate alike at `epoch` read one shared validation stream
         (`data.eval_group_epochs`)."""
         config = self.config
         self.model.eval()
-        loss_sum, correct, count = 0.0, 0, 0
+        loss_sum, correct, count = 0.0, 0.0, 0
+        outputs = len(self.classes) + 1
+        confusion = torch.zeros((outputs, outputs), dtype=torch.int64, device=self.device)
         stream = open_stream(
             self.clients, config.data.dataset, rank=self.ranks.rank, world_size=self.ranks.world_size,
             split="validation", eval_size=self.output_size, batch_size=config.data.eval_batch_size,
             epochs=1, transport=config.data.transport,
             group_size=sum(1 for epochs in config.data.eval_group_epochs if epochs > epoch),
+            targets=self.targets,
         )
         with stream, torch.no_grad():
-            for images, labels in stream.torch(self.device, True, *_normalization()):
+            for images, labels in self._validation_batches(stream):
                 logits = self._forward(images, training=False)
                 loss_sum += float(self.loss_function(logits, labels, self.model).data) * len(labels)
-                correct += int((self.loss_function.predictions(logits) == labels).sum().item())
+                correct += float(self.loss_function.correct(logits, labels))
                 count += len(labels)
+                if self.segmentation:
+                    confusion += confusion_matrix(logits, labels, outputs)
         loss_sum, correct, count = distributed.sum_values([loss_sum, correct, count], self.ranks, self.device)
-        return loss_sum / max(count, 1), correct / max(count, 1)
+        miou = math.nan
+        if self.segmentation:
+            miou, _ = mean_iou(distributed.sum_tensor(confusion, self.ranks))
+        return loss_sum / max(count, 1), correct / max(count, 1), miou
+
+    @property
+    def targets(self) -> TargetRequest | None:
+        """What the streams ask for besides images: label maps for segmentation."""
+        return TargetRequest(masks=True) if self.segmentation else None
 
     # --- checkpoints ---
 
@@ -375,9 +406,18 @@ def build_trainer(config: TrainConfig, ranks: Ranks) -> Trainer:
     output_size = spec.fixed_output_size or (tuple(info.image_size) if info.image_size else None)
     if output_size is None:
         raise ValueError("data.spec: images of this dataset differ in size; give data.image_size or a spec with a crop or resize")
-    loss_function = build_loss(config.loss)
+    loss_function = build_loss(config.loss, config.data.task)
     torch.manual_seed(config.data.seed)
-    model = build_model(config.model, (3, *output_size), loss_function.output_size(len(info.classes))).to(device)
+    if (config.data.task == "segmentation") != (config.model.name in PIXEL_MODELS):
+        raise ValueError(
+            f"model.name: the {config.data.task} task needs {'a per-pixel model: ' if config.data.task == 'segmentation' else 'a model other than '}"
+            f"{', '.join(PIXEL_MODELS)}, not {config.model.name!r}"
+        )
+    if config.data.task == "segmentation" and config.mixing.enabled:
+        raise ValueError("mixing: MixUp and CutMix mix class labels; the segmentation task takes none")
+    # Segmentation: one output per class and one for background (mask value 0).
+    outputs = len(info.classes) + 1 if config.data.task == "segmentation" else loss_function.output_size(len(info.classes))
+    model = build_model(config.model, (3, *output_size), outputs).to(device)
     optimizer = build_optimizer(config.optimizer, model)
     output = Path(config.run.output)
     autocast_dtype = None
@@ -425,6 +465,7 @@ def _run(trainer: Trainer, resume: str | Path | None) -> TrainSummary:
         spec=data.augment_spec(), batch_size=data.batch_size, seed=data.seed,
         epochs=0 if endless else data.epochs, transport=data.transport, prefetch=data.prefetch,
         group_policy=data.group_policy, group_size=data.group_size, decode_group_size=data.decode_group_size,
+        targets=trainer.targets,
     )
     batches_per_epoch = data.steps_per_epoch or max(
         distributed.gather(stream.facts.batches_per_epoch, ranks)
@@ -457,7 +498,7 @@ def _run(trainer: Trainer, resume: str | Path | None) -> TrainSummary:
                 [totals.data_loss, totals.correct, totals.images, totals.penalty, totals.steps], ranks, trainer.device
             )
             validation_started = time.perf_counter()
-            val_loss, val_accuracy = trainer.evaluate(epoch) if validate else (math.nan, math.nan)
+            val_loss, val_accuracy, val_miou = trainer.evaluate(epoch) if validate else (math.nan, math.nan, math.nan)
             val_seconds = time.perf_counter() - validation_started
             record = {
                 "epoch": epoch,
@@ -467,6 +508,7 @@ def _run(trainer: Trainer, resume: str | Path | None) -> TrainSummary:
                 "train_accuracy": sums[1] / max(sums[2], 1),
                 "val_loss": val_loss,
                 "val_accuracy": val_accuracy,
+                **({"val_miou": val_miou} if trainer.segmentation else {}),
                 "images": int(sums[2]),
                 "images_per_second": totals.images * ranks.world_size / max(totals.seconds, 1e-9),
                 "data_wait_fraction": totals.wait_seconds / max(totals.seconds, 1e-9),
@@ -477,9 +519,10 @@ def _run(trainer: Trainer, resume: str | Path | None) -> TrainSummary:
             if ranks.is_main:
                 trainer.metrics.write("epoch", record)
                 log.info(
-                    "epoch %d: loss %.4f (penalty %.4g) acc %.3f | val loss %.4f acc %.3f | %.0f img/s, data wait %.0f%%",
+                    "epoch %d: loss %.4f (penalty %.4g) acc %.3f | val loss %.4f acc %.3f%s | %.0f img/s, data wait %.0f%%",
                     epoch, record["train_data_loss"], record["train_penalty"], record["train_accuracy"],
-                    val_loss, val_accuracy, record["images_per_second"], 100 * record["data_wait_fraction"],
+                    val_loss, val_accuracy, f" mIoU {val_miou:.3f}" if trainer.segmentation else "",
+                    record["images_per_second"], 100 * record["data_wait_fraction"],
                 )
             trainer.state.epoch += 1
             trainer.state.totals = EpochTotals()

@@ -58,6 +58,10 @@ class DataLoss:
         """Predicted class indices [N] int64."""
         return logits.argmax(dim=1)
 
+    def correct(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Samples predicted right: a scalar (a per-pixel loss counts each sample's share)."""
+        return (self.predictions(logits) == labels).sum()
+
 
 DATA_LOSSES: dict[str, type[DataLoss]] = {}
 
@@ -154,6 +158,9 @@ class LossFunction:
         """Predicted class indices [N] int64 from logits [N, output_size]."""
         return self.data_loss.predictions(logits)
 
+    def correct(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.data_loss.correct(logits, labels)
+
     def penalty(self, model: nn.Module) -> torch.Tensor:
         """``l1 * sum|theta| + l2 * sum theta^2`` over the regularized parameters; a scalar."""
         parameters = split_parameters(model, self.config.penalize_biases_and_norms).regularized
@@ -177,6 +184,13 @@ class LossFunction:
         return LossParts(data=data, penalty=penalty, total=data + penalty)
 
 
-def build_loss(config: LossConfig) -> LossFunction:
-    """The loss `config` names, with its penalty."""
-    return LossFunction(config)
+def build_loss(config: LossConfig, task: str = "classification") -> LossFunction:
+    """The loss `config` names, with its penalty; segmentation takes cross-entropy per pixel."""
+    function = LossFunction(config)
+    if task == "segmentation":
+        if config.name != "cross_entropy":
+            raise ValueError(f"loss.name: segmentation trains with cross_entropy (per pixel), not {config.name!r}")
+        from trainer.segmentation import PixelCrossEntropy
+
+        function.data_loss = PixelCrossEntropy()
+    return function

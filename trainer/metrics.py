@@ -15,6 +15,7 @@ STEP_COLUMNS = ("epoch", "step", "batch_loss", "data_loss", "penalty", "accuracy
 EPOCH_COLUMNS = (
     "epoch", "step", "train_data_loss", "train_penalty", "train_accuracy", "val_loss", "val_accuracy",
     "images", "images_per_second", "data_wait_fraction", "seconds", "val_seconds",
+    "val_miou",  # segmentation only (empty otherwise)
 )
 
 

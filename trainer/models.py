@@ -16,6 +16,8 @@ Registered models (``ModelConfig.name``):
 - ``rnn``: a GRU reading the image row by row: row ``h`` of ``[C, H, W]`` is timestep ``h`` with
   ``C * W`` features; the last layer's final hidden state feeds a linear head. Width fixed at
   build time, any height.
+- ``unet``: per-pixel logits ``[N, num_outputs, H, W]`` for the segmentation task
+  (`trainer.segmentation`): ``conv_widths`` encoder stages and as many decoder stages back.
 - ``torchvision:<name>``: ``torchvision.models.get_model(name, num_classes=num_outputs)``,
   untrained, when torchvision is installed; the other config fields are ignored.
 
@@ -258,3 +260,7 @@ def rnn(config: ModelConfig, input_shape: InputShape, num_classes: int) -> nn.Mo
     return RowGRU(
         channels, width, num_classes, config.rnn_hidden_size, config.rnn_layers, config.dropout
     )
+
+
+# Per-pixel models register themselves (imported last: they build on this registry).
+from trainer import segmentation  # noqa: E402, F401

@@ -63,6 +63,9 @@ class DataConfig(ConfigModel):
         ("127.0.0.1:50051",), description="servers' host:port"
     )
     dataset: Annotated[Text, Field(min_length=1)] = Field("demo", description="the name of a dataset the servers serve")
+    task: Literal["classification", "segmentation"] = Field(
+        "classification", description="classification (a label per image) | segmentation (a label map per image: a dataset with masks)"
+    )
     spec: dict[str, Any] | None = None
     spec_file: Text | None = Field(None, description="augmentation spec file (.yaml or .json)")
     image_size: ImageSize | None = Field(None, description="resize to [height, width] (or N) first, like Keras target_size")

@@ -207,15 +207,24 @@ def run_sweep(
         return list(pool.map(run_one, plans))
 
 
+def ranking_metric(results: list[RunResult]) -> str:
+    """What ranks the runs: validation mIoU where runs segment, else validation accuracy."""
+    return "val_miou" if any(not math.isnan(result.number("val_miou")) for result in results) else "val_accuracy"
+
+
 def leaderboard(results: list[RunResult]) -> str:
-    """Runs by final validation accuracy (then training accuracy), as a text table."""
+    """Runs by final validation accuracy, or mIoU for segmentation (then training accuracy),
+    as a text table."""
+    metric = ranking_metric(results)
+
     def order(result: RunResult) -> tuple:
-        value = result.number("val_accuracy")
+        value = result.number(metric)
         fallback = result.number("train_accuracy")
         return (result.returncode != 0, -(value if not math.isnan(value) else -1), -(fallback if not math.isnan(fallback) else -1))
 
+    miou = metric == "val_miou"
     header = (
-        f"{'rank':>4}  {'run':<34} {'val acc':>7} {'val loss':>8} {'train acc':>9} {'train loss':>10} {'epochs':>6} "
+        f"{'rank':>4}  {'run':<34} {'val mIoU ' if miou else ''}{'val acc':>7} {'val loss':>8} {'train acc':>9} {'train loss':>10} {'epochs':>6} "
         f"{'steps':>6} {'img/s':>7} {'time':>6}"
     )
     lines = [header, "-" * len(header)]
@@ -224,7 +233,8 @@ def leaderboard(results: list[RunResult]) -> str:
             lines.append(f"{rank:>4}  {result.name:<34} failed (exit {result.returncode}); see {result.folder / 'train.log'}")
             continue
         lines.append(
-            f"{rank:>4}  {result.name:<34} {result.number('val_accuracy'):>7.3f} {result.number('val_loss'):>8.4f} "
+            f"{rank:>4}  {result.name:<34} {f'{result.number(metric):>8.3f} ' if miou else ''}"
+            f"{result.number('val_accuracy'):>7.3f} {result.number('val_loss'):>8.4f} "
             f"{result.number('train_accuracy'):>9.3f} {result.number('train_data_loss'):>10.4f} {len(result.epochs):>6} "
             f"{result.number('step'):>6.0f} {result.number('images_per_second'):>7.0f} {result.seconds:>5.0f}s"
         )
@@ -233,14 +243,14 @@ def leaderboard(results: list[RunResult]) -> str:
 
 def write_outputs(results: list[RunResult], output: Path) -> list[Path]:
     """leaderboard.csv, summary.json and the PNG plots; returns the plot paths."""
-    columns = ["run", "exit_code", "val_accuracy", "val_loss", "train_accuracy", "train_data_loss", "epochs", "steps", "seconds", "folder"]
+    columns = ["run", "exit_code", "val_accuracy", "val_loss", "val_miou", "train_accuracy", "train_data_loss", "epochs", "steps", "seconds", "folder"]
     with open(output / "leaderboard.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(columns)
         for result in results:
             writer.writerow([
                 result.name, result.returncode, result.number("val_accuracy"), result.number("val_loss"),
-                result.number("train_accuracy"), result.number("train_data_loss"), len(result.epochs),
+                result.number("val_miou"), result.number("train_accuracy"), result.number("train_data_loss"), len(result.epochs),
                 "" if math.isnan(result.number("step")) else int(result.number("step")),
                 round(result.seconds, 1), str(result.folder),
             ])
@@ -253,7 +263,10 @@ def write_outputs(results: list[RunResult], output: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     plots = []
-    for key, label in (("val_accuracy", "validation accuracy"), ("val_loss", "validation loss"), ("train_data_loss", "training loss")):
+    curves = [("val_accuracy", "validation accuracy"), ("val_loss", "validation loss"), ("train_data_loss", "training loss")]
+    if ranking_metric(results) == "val_miou":
+        curves.insert(0, ("val_miou", "validation mIoU"))
+    for key, label in curves:
         figure, axes = plt.subplots(figsize=(7, 4.5))
         for result in results:
             values = [float(row[key]) for row in result.epochs if row.get(key) not in (None, "", "nan")]
@@ -291,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="augserve-sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="sweep YAML: base, runs / grid / random, concurrency, output")
     parser.add_argument("--endpoint", action="append", help="server host:port for every run (repeatable)")
-    parser.add_argument("--serve-demo", action="store_true", help="start a server on the built-in demo dataset for the sweep")
+    parser.add_argument("--serve-demo", action="store_true", help="start a server on the built-in demo datasets (demo: classes, scenes: label maps) for the sweep")
     parser.add_argument("--backend", default="auto", help="backend of the --serve-demo server")
     parser.add_argument("--concurrency", type=int, help="runs at once (default: the file's, else 4)")
     parser.add_argument("--output", help="sweep folder (default: the file's, else runs/sweep)")
@@ -322,7 +335,10 @@ def main(argv: list[str] | None = None) -> int:
         from augserve.data.demo import ensure_demo_dataset
         from augserve.rpc.server import DatasetConfig, ServerConfig, create_server
 
-        server = create_server(ServerConfig(port=0, backend=args.backend, datasets={"demo": DatasetConfig(str(ensure_demo_dataset()), 0.2)}))
+        from augserve.data.demo_scenes import ensure_demo_scenes
+
+        datasets = {"demo": DatasetConfig(str(ensure_demo_dataset()), 0.2), "scenes": DatasetConfig(str(ensure_demo_scenes()), 0.2)}
+        server = create_server(ServerConfig(port=0, backend=args.backend, datasets=datasets))
         endpoints = [server.address]
     try:
         if sweep.get("optuna"):  # the Optuna strategy: trials from TPE, pruned on validation (trainer/search.py)

@@ -20,6 +20,7 @@ from augserve.core.images import inspect_image
 from augserve.core.plan import MAX_SAMPLE_ID, explain_plan, make_plan
 from augserve.core.spec import AugmentSpec, load_spec_file
 from augserve.data.demo import DemoConfig, ensure_demo_dataset
+from augserve.data.demo_scenes import ensure_demo_scenes
 
 DEFAULT_PREVIEW_SPEC = {
     "ops": [
@@ -197,6 +198,7 @@ def _server_config(args: argparse.Namespace) -> Any:
         datasets[name] = {"path": path, "validation_fraction": args.validation_fraction, "split_seed": args.split_seed}
     if args.demo:
         datasets.setdefault("demo", {"path": str(ensure_demo_dataset(DemoConfig())), "validation_fraction": args.validation_fraction or 0.2})
+        datasets.setdefault("scenes", {"path": str(ensure_demo_scenes()), "validation_fraction": args.validation_fraction or 0.2})
     settings["datasets"] = datasets
     flags.apply_assignments(settings, args.set)
     return ServerConfig.from_dict(settings)
@@ -257,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve_parser.add_argument("--port-file", help="write the bound port to this file once serving")
     serve_parser.add_argument("--dataset", action="append", type=_dataset_entry, metavar="NAME=PATH",
                               help="serve an ImageFolder tree or CSV list under NAME (repeatable)")
-    serve_parser.add_argument("--demo", action="store_true", help="also serve the built-in demo dataset as 'demo'")
+    serve_parser.add_argument("--demo", action="store_true", help="also serve the built-in demo datasets: 'demo' (classes) and 'scenes' (label maps, for segmentation)")
     serve_parser.add_argument("--validation-fraction", type=float, default=0.0,
                               help="fraction of each class of --dataset held out as the validation split (default 0)")
     serve_parser.add_argument("--split-seed", type=int, default=0)

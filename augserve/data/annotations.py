@@ -109,9 +109,9 @@ class CocoDataset:
         if found is None:
             return out
         for label, segmentation in found.segments:
-            out[decode_segmentation(segmentation, height, width)] = label + 1
+            np.copyto(out, np.uint8(label + 1), where=decode_segmentation(segmentation, height, width))
         for segmentation in found.crowd:
-            out[decode_segmentation(segmentation, height, width)] = MASK_FILL
+            np.copyto(out, np.uint8(MASK_FILL), where=decode_segmentation(segmentation, height, width))
         return out
 
 
