@@ -140,6 +140,9 @@ def test_coco_targets_follow_every_sample_through_the_server(coco_file, transpor
     assert manifest.classes == ("face", "ball") and len(manifest) == 12
     problems = {(problem.field, problem.reason.split(" ")[0]) for problem in manifest.targets.problems}
     assert problems == {("annotations[24].image_id", "unknown"), ("annotations[25].bbox", "[70,")}
+    # A COCO label map is drawn once and then served from the dataset's cache, read-only.
+    first = manifest.targets.mask(0)
+    assert manifest.targets.mask(0) is first and not first.flags.writeable and manifest.targets.mask_cache.stats().hits == 1
     with running_server({"coco": DatasetConfig(str(coco_file))}) as server:
         batches = received(f"127.0.0.1:{server.port}", "coco", REQUEST, transport, seed=3, epochs=2)
     seen, dropped, kept_boxes, ignored = set(), 0, 0, 0

@@ -29,12 +29,17 @@ from PIL import Image
 
 from augserve.core.targets import SampleTargets
 from augserve.data.annotations import CocoDataset, Problem, load_coco, read_label_map, scan_label_maps
+from augserve.data.decoded import DecodedCache
 from augserve.data.reading import open_regular_file
 
 log = logging.getLogger(__name__)
 
 IMAGES_FOLDER, MASKS_FOLDER, CLASSES_FILE = "images", "masks", "classes.txt"
 NO_LABEL = -1  # the image label of a sample of an annotated dataset
+# COCO label maps are drawn from the file's polygons and RLE once (a pure function of the parsed
+# file, which a dataset keeps for its life) and kept up to this many bytes, least recently used
+# first out: rasterizing costs more than the warp (docs/benchmarks.md, bench_targets).
+COCO_MASK_CACHE_BYTES = 128 << 20
 
 
 @dataclass(eq=False)
@@ -53,6 +58,7 @@ class DatasetTargets:
     problems: tuple[Problem, ...] = ()
     max_file_bytes: int = 256 << 20
     coco: CocoDataset | None = field(default=None, repr=False)
+    mask_cache: DecodedCache = field(default_factory=lambda: DecodedCache(COCO_MASK_CACHE_BYTES), repr=False)
 
     @property
     def has_boxes(self) -> bool:
@@ -85,7 +91,12 @@ class DatasetTargets:
         problem) where its label map cannot be read or no longer fits."""
         source = self.sources[sample_id]
         if self.coco is not None:
-            return self.coco.mask(int(source))
+            key = (int(source), b"coco")
+            mask = self.mask_cache.get(key)
+            if mask is None:
+                mask = self.coco.mask(int(source))
+                self.mask_cache.put(key, mask)  # read-only from here on: every reader shares it
+            return mask
         path = os.path.join(self.root, str(source))
         try:
             with open_regular_file(path, self.max_file_bytes) as handle:
