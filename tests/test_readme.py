@@ -31,7 +31,7 @@ How unmarked blocks run (the only changes to the text as written):
 
 - `HOST` is 127.0.0.1 and `/data/pets` a small ImageFolder tree in the scratch folder (four
   demo pictures per class). Port 50051 is the port of the last server the block started, else
-  of a demo server this module starts (datasets `demo` and `pets`).
+  of a demo server this module starts (datasets `demo`, `scenes` and `pets`).
 - `augserve serve` gets `--port 0 --port-file FILE` in place of any `--port`. It runs until the
   block ends: it must write its port, serve the datasets it names (checked with a client;
   TLS servers are checked by the commands after them) and exit 0 on SIGTERM.
@@ -483,7 +483,7 @@ class BlockServers:
         self.port = int(port_file.read_text())
         args = augserve_parser().parse_args(words_of(command)[0][1:])
         if args.tls_cert is None:
-            expected = {name for name, _ in args.dataset or []} | ({"demo"} if args.demo else set())
+            expected = {name for name, _ in args.dataset or []} | ({"demo", "scenes"} if args.demo else set())
             if args.config:
                 expected |= set(load_yaml((self.scratch.folder / args.config).read_text())["datasets"])
             with Client(f"127.0.0.1:{self.port}", timeout=30) as client:

@@ -95,12 +95,13 @@ def test_combinations_the_task_cannot_train_are_refused_by_field(scenes_server, 
 
 def test_a_unet_learns_the_demo_scenes_well_above_chance(scenes_server, tmp_path):
     """Background, circles, squares and triangles. Predicting background everywhere scores a
-    mIoU of about 0.19 (the background's IoU over four classes); measured here: 0.45-0.55 after
-    20 epochs of 12 steps (Adam 1e-3)."""
+    mIoU of about 0.19 (the background's IoU over four classes); measured here: 0.62 after 8
+    epochs of 12 steps (Adam 1e-3; 0.56-0.70 over the last five epochs), in 45 s."""
     config = scenes_config(scenes_server, tmp_path, data={"epochs": 8}, optimizer={"name": "adam", "learning_rate": 0.001}, loss={"l2": 1e-6})
     summary = train(config)
     first, last = summary.epochs[0], summary.epochs[-1]
-    assert last["val_miou"] >= 0.40, [round(epoch["val_miou"], 3) for epoch in summary.epochs]
+    print("validation mIoU per epoch:", [round(epoch["val_miou"], 3) for epoch in summary.epochs])
+    assert last["val_miou"] >= 0.50, [round(epoch["val_miou"], 3) for epoch in summary.epochs]
     assert last["train_data_loss"] < first["train_data_loss"] and last["train_penalty"] > 0
     with open(tmp_path / "epochs.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
