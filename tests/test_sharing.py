@@ -13,7 +13,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from servers import running_server
+from servers import running_server, wait_until
 
 from augserve.client import Client
 from augserve.core.spec import AugmentSpec
@@ -276,3 +276,44 @@ def test_a_sweep_whose_trainers_validate_longer_than_stall_seconds_stays_shared(
     # 150 training images in 19 batches per epoch, 150 validation images in batches of one.
     assert counters.batches_produced == 3 * (19 + 150), counters
     assert counters.batches_delivered == 4 * counters.batches_produced, counters
+
+
+def test_a_pause_outlives_a_reconnect(dataset_root):
+    """A stream that paused and then lost its session (UNAVAILABLE: a restart, a network blip)
+    tells the new session what is left of its pause, so its group goes on waiting for it; after
+    `resume` a reconnect carries no pause."""
+    from augserve.client import Reconnect
+    from augserve.core.errors import UnavailableError
+
+    with running_server({"demo": DatasetConfig(str(dataset_root))}) as server:
+        manager = server.manager
+
+        def live_sessions():
+            return [session for session in list(manager.sessions.values()) if session.failure is None]
+
+        def cut_and_reconnect(stream, batches) -> object:
+            (old,) = live_sessions()
+            reconnects = stream.reconnects
+            old.fail(UnavailableError("cut by the test"))
+            for _ in range(20):  # batches already on their way come first, then the reconnect
+                next(batches)
+                if stream.reconnects > reconnects:
+                    break
+            assert stream.reconnects == reconnects + 1
+            assert wait_until(lambda: len(live_sessions()) == 1 and live_sessions()[0] is not old)
+            return live_sessions()[0]
+
+        with Client(server.address, reconnect=Reconnect(attempts=3, first_delay=0.1)) as client:
+            with client.stream("demo", spec=SPEC, batch_size=4, epochs=0) as stream:
+                batches = iter(stream)
+                next(batches)
+                stream.pause(300)
+                session = cut_and_reconnect(stream, batches)
+                assert wait_until(lambda: session.paused(time.monotonic()))
+                assert 200 < session.paused_until - time.monotonic() <= 300
+                stream.resume()
+                assert wait_until(lambda: not session.paused(time.monotonic()))
+                session = cut_and_reconnect(stream, batches)
+                time.sleep(0.3)  # a Pause would have come with the open message
+                assert not session.paused(time.monotonic())
+

@@ -120,6 +120,7 @@ class BatchStream:
         self._decoder = ChunkDecoder()
         self._readers: dict[str, SlotReader] = {}  # shared-memory segments by name
         self._pending_release: int | None = None
+        self._pause: tuple[float, float] | None = None  # (seconds asked for, when), until resume
         self._closed = False
         self._lock = threading.Lock()
         self._waiting_since: float | None = None  # when the caller began waiting for a message
@@ -152,6 +153,7 @@ class BatchStream:
             else:
                 message.shm_probe_name, message.shm_probe_nonce = probe, nonce
         self._outgoing.put(pb.ClientMessage(open=message))
+        self._repeat_pause()
         self._pending_release = None  # a new session: nothing of the old one to acknowledge
         self._call = self._stub.Stream(iter(self._outgoing.get, None), metadata=self._metadata)
         try:
@@ -428,12 +430,25 @@ class BatchStream:
         if not seconds >= 0:
             raise ValueError(f"seconds: expected a number >= 0, got {seconds!r}")
         if not self._closed:
+            self._pause = (seconds, time.monotonic())
             self._outgoing.put(pb.ClientMessage(pause=pb.Pause(seconds=seconds)))
 
     def resume(self) -> None:
         """The stream is read again: the pause `pause` announced ends."""
+        self._pause = None
         if not self._closed:
             self._outgoing.put(pb.ClientMessage(resume=pb.Resume()))
+
+    def _repeat_pause(self) -> None:
+        """A pause outlives a reconnect: the new session is told what is left of it."""
+        if self._pause is None:
+            return
+        seconds, since = self._pause
+        left = seconds - (time.monotonic() - since) if seconds else 0.0
+        if seconds and left <= 0:
+            self._pause = None
+            return
+        self._outgoing.put(pb.ClientMessage(pause=pb.Pause(seconds=left)))
 
     @contextmanager
     def paused(self, seconds: float = 0.0) -> Iterator[None]:
