@@ -88,3 +88,33 @@ def test_resuming_a_mid_epoch_lightning_checkpoint_trains_on_exactly_the_same_ba
     assert cut.seen + resumed.seen == whole.seen
     for name, value in resumed.state_dict().items():
         assert torch.allclose(value, whole.state_dict()[name], atol=1e-6), name
+
+
+class PauseWatcher(Recorder):
+    """Records, at every validation batch, whether the server holds this run's training
+    session as paused."""
+
+    def __init__(self, server) -> None:
+        super().__init__()
+        self.server = server
+        self.paused_while_validating: list[bool] = []
+
+    def validation_step(self, batch, batch_index):
+        import time
+
+        training = [session for session in self.server.manager.sessions.values() if session.key.split == "train"]
+        if training:  # none yet during the sanity check before the first epoch
+            self.paused_while_validating.append(all(session.paused(time.monotonic()) for session in training))
+        return super().validation_step(batch, batch_index)
+
+
+@pytest.mark.filterwarnings("ignore:.*LeafSpec.* is deprecated:FutureWarning")
+def test_the_training_stream_is_paused_while_lightning_validates(tiny_server, tmp_path):
+    datamodule = datamodule_for(tiny_server)
+    watcher = PauseWatcher(tiny_server)
+    trainer = pl.Trainer(
+        max_epochs=2, accelerator="cpu", devices=1, default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False, callbacks=[datamodule.pause_for_validation],
+    )
+    trainer.fit(watcher, datamodule=datamodule)
+    assert watcher.paused_while_validating and all(watcher.paused_while_validating), watcher.paused_while_validating

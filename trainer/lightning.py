@@ -12,6 +12,10 @@ have. Its `len()` is known, so Lightning fetches no batch ahead of the step. Und
 reads its own shard (the rank comes from torch.distributed); Lightning's distributed sampler is
 not involved (these are not torch DataLoaders).
 
+`datamodule.pause_for_validation` (a Callback: `pl.Trainer(callbacks=[...])`) pauses the
+training streams while Lightning validates, so that runs of a sweep sharing one stream keep
+their group through validation instead of being detached as stalled.
+
 The validation loader streams the validation split resized and centre-cropped to `eval_size`
 (default: the training output size), each pass the whole split of this rank (also after a
 pass cut short, such as Lightning's sanity check). Batches are CPU
@@ -29,6 +33,23 @@ from augserve.client.connection import Client
 from augserve.client.loader import AugserveLoader
 from augserve.client.tensors import IMAGENET_MEAN, IMAGENET_STD
 from augserve.core.spec import AugmentSpec
+
+
+class PauseForValidation(pl.Callback):
+    """Pauses the data module's training streams while Lightning validates (and resumes them
+    after), so that a sweep's shared group waits for this run rather than detaching it as
+    stalled: `pl.Trainer(callbacks=[datamodule.pause_for_validation])`."""
+
+    def __init__(self, datamodule: AugserveDataModule) -> None:
+        self.datamodule = datamodule
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for loader in self.datamodule.train_loaders:
+            loader.pause()
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for loader in self.datamodule.train_loaders:
+            loader.resume()
 
 
 class AugserveDataModule(pl.LightningDataModule):
@@ -62,6 +83,8 @@ class AugserveDataModule(pl.LightningDataModule):
         self.stream_options = stream_options
         self._clients: list[Client] = []
         self._loaders: list[AugserveLoader] = []
+        self.train_loaders: list[AugserveLoader] = []
+        self.pause_for_validation = PauseForValidation(self)
 
     def _clients_now(self) -> list[Client]:
         if not self._clients:
@@ -77,7 +100,9 @@ class AugserveDataModule(pl.LightningDataModule):
         return loader
 
     def train_dataloader(self) -> AugserveLoader:
-        return self._loader(batch_size=self.batch_size, spec=self.spec)
+        loader = self._loader(batch_size=self.batch_size, spec=self.spec)
+        self.train_loaders.append(loader)
+        return loader
 
     def val_dataloader(self) -> AugserveLoader:
         eval_size = self.eval_size
@@ -91,4 +116,4 @@ class AugserveDataModule(pl.LightningDataModule):
             loader.close()
         for client in self._clients:
             client.close()
-        self._loaders, self._clients = [], []
+        self._loaders, self._clients, self.train_loaders = [], [], []

@@ -239,6 +239,16 @@ class AugserveLoader:
 
     # --- resources ---
 
+    def pause(self, seconds: float = 0.0) -> None:
+        """The training script stops reading for a while (validation, a checkpoint): the
+        stream's group waits for it instead of detaching it as stalled (`BatchStream.pause`)."""
+        if self._stream is not None:
+            self._stream.pause(seconds)
+
+    def resume(self) -> None:
+        if self._stream is not None:
+            self._stream.resume()
+
     def close(self) -> None:
         self._reposition()
         for client in self._owned:
