@@ -1,4 +1,4 @@
-"""`uniforms` builds its Philox generator the fast way (`plan._PhiloxKey`); the numbers must stay
+"""`uniforms` re-keys one Philox generator per thread the fast way (`plan._PhiloxStream`); the numbers must stay
 those of the plain `Philox(key=...)` construction, or every stored plan would change."""
 
 from __future__ import annotations
