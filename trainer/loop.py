@@ -157,9 +157,7 @@ class Trainer:
                 (self._forward(self.last_images).sum() * 0.0).backward()
                 self.model.train()
             return None, 0
-        images, labels = to_torch(batch.images, batch.labels, self.device, True, *_normalization())
-        if self.segmentation:
-            labels = torch.from_numpy(batch.masks.astype(np.int64)).to(self.device)
+        images, labels = self._tensors(batch)
         targets = labels
         if self.mixer is not None:  # soft targets; accuracy stays against each own label
             images, targets = self.mixer(images, labels, batch.epoch, batch.position)
@@ -292,13 +290,13 @@ class Trainer:
     def segmentation(self) -> bool:
         return self.config.data.task == "segmentation"
 
-    def _validation_batches(self, stream: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(images, labels) of a validation stream: class indices, or label maps [N, H, W]."""
-        if not self.segmentation:
-            yield from stream.torch(self.device, True, *_normalization())
-            return
-        for images, targets in stream.torch_targets(self.device, True, *_normalization(), use_tv_tensors=False):
-            yield images, torch.stack([target["mask"] for target in targets])
+    def _tensors(self, batch: ReceivedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(normalized images, labels) of a batch on the device: class indices [N], or for
+        segmentation the label maps [N, H, W] int64."""
+        images, labels = to_torch(batch.images, batch.labels, self.device, True, *_normalization())
+        if self.segmentation:
+            labels = torch.from_numpy(batch.masks.astype(np.int64)).to(self.device)
+        return images, labels
 
     def evaluate(self, epoch: int = 0) -> tuple[float, float, float]:
         """(mean data loss, accuracy, mIoU) over the validation split, every rank its shard
@@ -318,7 +316,8 @@ class Trainer:
             targets=self.targets,
         )
         with stream, torch.no_grad():
-            for images, labels in self._validation_batches(stream):
+            for batch in stream:
+                images, labels = self._tensors(batch)
                 logits = self._forward(images, training=False)
                 loss_sum += float(self.loss_function(logits, labels, self.model).data) * len(labels)
                 correct += float(self.loss_function.correct(logits, labels))
@@ -408,15 +407,15 @@ def build_trainer(config: TrainConfig, ranks: Ranks) -> Trainer:
         raise ValueError("data.spec: images of this dataset differ in size; give data.image_size or a spec with a crop or resize")
     loss_function = build_loss(config.loss, config.data.task)
     torch.manual_seed(config.data.seed)
-    if (config.data.task == "segmentation") != (config.model.name in PIXEL_MODELS):
-        raise ValueError(
-            f"model.name: the {config.data.task} task needs {'a per-pixel model: ' if config.data.task == 'segmentation' else 'a model other than '}"
-            f"{', '.join(PIXEL_MODELS)}, not {config.model.name!r}"
-        )
-    if config.data.task == "segmentation" and config.mixing.enabled:
+    segmentation, per_pixel = config.data.task == "segmentation", config.model.name in PIXEL_MODELS
+    if segmentation and not per_pixel:
+        raise ValueError(f"model.name: the segmentation task needs a per-pixel model ({', '.join(PIXEL_MODELS)}), not {config.model.name!r}")
+    if per_pixel and not segmentation:
+        raise ValueError(f"model.name: {config.model.name!r} gives per-pixel outputs; it trains with data.task: segmentation")
+    if segmentation and config.mixing.enabled:
         raise ValueError("mixing: MixUp and CutMix mix class labels; the segmentation task takes none")
     # Segmentation: one output per class and one for background (mask value 0).
-    outputs = len(info.classes) + 1 if config.data.task == "segmentation" else loss_function.output_size(len(info.classes))
+    outputs = len(info.classes) + 1 if segmentation else loss_function.output_size(len(info.classes))
     model = build_model(config.model, (3, *output_size), outputs).to(device)
     optimizer = build_optimizer(config.optimizer, model)
     output = Path(config.run.output)

@@ -194,6 +194,11 @@ class TargetRequest:
     def any(self) -> bool:
         return self.boxes or self.masks
 
+    @property
+    def pixel_bytes(self) -> int:
+        """Bytes a batch holds per output pixel: RGB, and a label where masks are asked for."""
+        return 3 + int(self.masks)
+
     def rules(self, flip_pairs: tuple[tuple[int, int], ...] = ()) -> TargetRules:
         return TargetRules(self.min_area, self.min_visibility, flip_pairs, MASK_FILL, self.erase_marks_ignore)
 

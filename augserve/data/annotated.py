@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -125,7 +125,7 @@ def scan_coco(path: Path) -> tuple[list[str], DatasetTargets]:
     coco = load_coco(path)
     images = sorted(coco.images, key=lambda image: image.image_id)
     targets = DatasetTargets("coco", str(path.parent), coco.categories, tuple(image.image_id for image in images), tuple(coco.problems), coco=coco)
-    return [os.path.normpath(image.file_name) for image in images], targets
+    return [image.file_name for image in images], targets
 
 
 def scan_label_map_folder(root: Path) -> tuple[list[str], DatasetTargets]:
@@ -152,7 +152,4 @@ def scan_label_map_folder(root: Path) -> tuple[list[str], DatasetTargets]:
 def keep(targets: DatasetTargets, listed: list[str], kept: list[str]) -> DatasetTargets:
     """`targets` for the images `kept` (the manifest's paths) out of those `listed` by the scan."""
     source_of = dict(zip(listed, targets.sources))
-    return DatasetTargets(
-        targets.kind, targets.root, targets.classes, tuple(source_of[path] for path in kept), targets.problems,
-        targets.max_file_bytes, targets.coco,
-    )
+    return replace(targets, sources=tuple(source_of[path] for path in kept))

@@ -173,6 +173,17 @@ class DatasetScan:
         else:
             self.entries.append(FileEntry(relative, label_name, status.st_size, status.st_mtime_ns))
 
+    def add_listed(self, path: str, label_name: str, where: str, root_is: str) -> str:
+        """`add` a file a list names (a CSV row, a COCO image): relative to the root or absolute,
+        refused when it lies outside the root (`../`) unless allowed; `root_is` says what the
+        root is in the refusal. Returns the path as listed in the manifest."""
+        relative = os.path.normpath(os.path.relpath(path, self.root) if os.path.isabs(path) else path)
+        if not self.allow_outside_root and (relative == os.pardir or relative.startswith(os.pardir + os.sep)):
+            self.refuse(relative, f"{where}path outside the dataset root ({root_is})")
+        else:
+            self.add(relative, label_name, where)
+        return relative
+
     def _check(self, relative: str, label_name: str) -> os.stat_result | str:
         """The file's status (symlinks followed) when it may be listed, else the reason."""
         if not _is_clean_name(relative) or not _is_clean_name(label_name):
@@ -250,11 +261,7 @@ def scan_csv(csv_path: Path, scan: DatasetScan) -> None:
             if not path or not label:
                 scan.refuse(f"{csv_path.name}:{line}", "empty path or label")
                 continue
-            relative = os.path.normpath(os.path.relpath(path, scan.root) if os.path.isabs(path) else path)
-            if not scan.allow_outside_root and (relative == os.pardir or relative.startswith(os.pardir + os.sep)):
-                scan.refuse(relative, where + "path outside the dataset root (the CSV's folder)")
-                continue
-            scan.add(relative, label, where)
+            scan.add_listed(path, label, where, "the CSV's folder")
 
 
 def _class_order(names: set[str]) -> tuple[str, ...]:
@@ -329,11 +336,7 @@ def load_manifest(
         scan_image_folder(scan)
     else:
         scan_csv(source, scan)
-    for relative in listed:
-        if not allow_outside_root and (relative == os.pardir or relative.startswith(os.pardir + os.sep) or os.path.isabs(relative)):
-            scan.refuse(relative, "path outside the dataset root (the annotation file's folder)")
-        else:
-            scan.add(relative, "")
+    listed = [scan.add_listed(path, "", "", "the annotation file's folder") for path in listed]
     if targets is not None:
         targets = replace(keep(targets, listed, [entry.path for entry in scan.entries]), max_file_bytes=max_file_bytes)
     rejected = tuple(scan.rejected)

@@ -113,8 +113,8 @@ def _targets_message(targets: list[SampleTargets], message: pb.BatchTargets) -> 
         tensor.shape.extend(array.shape)
         tensor.dtype = "float32"
         tensor.data = np.ascontiguousarray(array, np.float32).tobytes()
-    for item in targets:
-        message.box_labels.extend(item.labels.tolist())
+    if targets:
+        message.box_labels.extend(np.concatenate([item.labels for item in targets]).tolist())
 
 
 def _batch_message(delivery: Delivery, chunk_bytes: int) -> pb.ServerMessage:
@@ -138,7 +138,7 @@ def _batch_message(delivery: Delivery, chunk_bytes: int) -> pb.ServerMessage:
         message.chunks = _chunk_count(_payload(delivery), chunk_bytes)
     if delivery.targets is not None:
         _targets_message(delivery.targets, message.targets)
-    if delivery.masks is not None or delivery.masks_offset > 0:
+    if delivery.masks_offset is not None:
         height, width = delivery.owner.output_size
         message.masks.shape.extend((delivery.count, height, width))
         message.masks.dtype = "uint8"

@@ -36,11 +36,6 @@ class StreamKey:
     targets: TargetRequest = TargetRequest()
 
     @property
-    def pixel_bytes(self) -> int:
-        """Bytes a slot holds per output pixel: RGB, and a label where masks are asked for."""
-        return 3 + int(self.targets.masks)
-
-    @property
     def order_key(self) -> tuple:
         """What makes two streams hold the same images at the same cursors, whatever their
         specs: they can share reading and decoding (a `DecodeGroup`). The seed counts only

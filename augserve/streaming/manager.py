@@ -149,7 +149,7 @@ class SessionManager:
         prefetch = request.prefetch or self.limits.default_prefetch
         # Endless streams end after the last epoch plans can number.
         end_epoch = request.epochs or MAX_EPOCH + 1
-        inband_bytes = 0 if shared_memory else INBAND_COPIES * request.batch_size * output_size[0] * output_size[1] * key.pixel_bytes
+        inband_bytes = 0 if shared_memory else INBAND_COPIES * request.batch_size * output_size[0] * output_size[1] * key.targets.pixel_bytes
         with self._lock:
             self._reap()
             if self.shutting_down:
@@ -217,7 +217,7 @@ class SessionManager:
             )
         if output_size[0] * output_size[1] > limits.max_output_pixels:
             raise LimitError(f"open.spec: output {output_size[0]}x{output_size[1]} is over the limit of {limits.max_output_pixels} pixels")
-        batch_bytes = request.batch_size * output_size[0] * output_size[1] * (3 + int(request.targets.masks))
+        batch_bytes = request.batch_size * output_size[0] * output_size[1] * request.targets.pixel_bytes
         if batch_bytes > limits.max_batch_bytes:
             raise LimitError(f"open.batch_size: a batch of {batch_bytes} bytes is over the limit of {limits.max_batch_bytes}")
         shard_size = shard_samples(len(split_ids), request.shard_index, request.shard_count)
@@ -318,7 +318,7 @@ class SessionManager:
         bytes the caller is about to take, in `decode_group` from `cursor` on (manager lock
         held)."""
         slot_count = prefetch + self.limits.group_window
-        self._check_budget(reserved + slot_count * key.batch_size * output_size[0] * output_size[1] * key.pixel_bytes, purpose)
+        self._check_budget(reserved + slot_count * key.batch_size * output_size[0] * output_size[1] * key.targets.pixel_bytes, purpose)
         producer = Producer(
             key=key, dataset=dataset, spec=spec, split_ids=split_ids, output_size=output_size,
             cursor=cursor, slot_count=slot_count, backend=self.backend, scheduler=self.scheduler,

@@ -119,7 +119,7 @@ class Producer:
         )
         # A slot: the batch's images, then (with masks asked for) its label maps from masks_offset.
         self.masks_offset = key.batch_size * output_size[0] * output_size[1] * 3
-        self.slot_bytes = key.batch_size * output_size[0] * output_size[1] * key.pixel_bytes
+        self.slot_bytes = key.batch_size * output_size[0] * output_size[1] * key.targets.pixel_bytes
         self.ring = SlotRing(slot_count, self.slot_bytes, key.shared_memory)
         self.slots = SlotTable(slot_count)
         self.members: list[Session] = []

@@ -71,10 +71,10 @@ class Delivery:
     owner_sequence: int
     # With targets asked for: per image its instances, and in-band the [count, H, W] label maps
     # (a view of the slot, as `images`); masks_offset: where they start in the slot (shared
-    # memory) or in the chunks' payload (in-band: right after the images).
+    # memory) or in the chunks' payload (in-band: right after the images); None without masks.
     targets: list | None = None
     masks: np.ndarray | None = None
-    masks_offset: int = 0
+    masks_offset: int | None = None
 
     @property
     def count(self) -> int:
@@ -305,11 +305,11 @@ class Session:
             owner_sequence=batch.sequence,
         )
 
-    def _masks_offset(self, producer: Producer, count: int) -> int:
+    def _masks_offset(self, producer: Producer, count: int) -> int | None:
         """Where a batch's label maps start: in the slot (shared memory), or after the images in
-        the chunks' payload (in-band); 0 without masks."""
+        the chunks' payload (in-band); None without masks."""
         if not self.key.targets.masks:
-            return 0
+            return None
         if self.key.shared_memory:
             return producer.masks_offset
         return count * producer.output_size[0] * producer.output_size[1] * 3
