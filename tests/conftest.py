@@ -11,6 +11,7 @@ import pytest
 from augserve.backends.dali import DaliBackend
 from augserve.backends.opencv import OpenCVBackend
 from augserve.data.demo import DemoConfig, ensure_demo_dataset
+from fake_cuda import build_fake_driver
 
 PHOTO_NAMES = ("astronaut", "chelsea", "coffee", "rocket")
 
@@ -67,3 +68,12 @@ def dali_backend():
 @pytest.fixture(params=["opencv", "dali-cpu"])
 def backend(request, opencv_backend, dali_backend):
     return opencv_backend if request.param == "opencv" else dali_backend
+
+
+@pytest.fixture(scope="session")
+def fake_driver(tmp_path_factory) -> str:
+    """The stand-in CUDA driver (tests/fake_cuda.py), built once."""
+    library = build_fake_driver(tmp_path_factory.mktemp("fake-cuda"))
+    if library is None:
+        pytest.skip("no C compiler for the stand-in CUDA driver")
+    return library
