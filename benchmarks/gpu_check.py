@@ -17,7 +17,10 @@ Parts:
    shared memory, then in-band; against the raw rate.
 5. CUDA IPC: the GPU backend writes batches into a device ring (augserve.transport.cuda_ipc), a
    trainer process maps it by its IPC handle and reduces each batch on the GPU with torch; the
-   bytes of one slot are checked against the host path.
+   bytes of one slot are checked against the host path. Then the transport through a real
+   server: a trainer process opens with cuda_device=0 and transport auto, must be given
+   CUDA IPC, checks its first batch against a shared-memory stream's byte for byte, and reads
+   `stream.torch("cuda:0")` for the window.
 6. OpenCV on every core: `augment_batch` in process, and a server over shared memory.
 7. two trainers from one server: two experiments (augserve-train, one CNN with AdamW, one with
    SGD) in one shared group over shared memory, a short run each, at the same time.
@@ -615,6 +618,54 @@ def cuda_ipc(run: Run) -> dict:
         backend.close()
 
 
+def served_ipc_trainer(address: str, seconds: float, connection) -> None:
+    """A trainer process on the server's GPU: what auto chose, the first batch against shared
+    memory's, and the rate of normalized float batches on cuda:0."""
+    import torch
+
+    from augserve.client import Client
+
+    spec = AugmentSpec.from_dict(RATE_SPEC)
+    options = dict(spec=spec, batch_size=STREAM_BATCH, seed=11, epochs=0)
+    with Client(address, timeout=120) as client:
+        with client.stream("bench", transport="shared_memory", **options) as stream:
+            host_first = np.array(next(iter(stream)).images)
+        with client.stream("bench", cuda_device="cuda:0", **options) as stream:
+            transport = stream.facts.transport
+            batches = iter(stream)
+            first = next(batches)
+            identical = first.images.to_host().tobytes() == host_first.tobytes()
+            tensors = stream.torch("cuda:0")
+            images, began = 0, time.perf_counter()
+            while time.perf_counter() - began < seconds:
+                pixels, _ = next(tensors)
+                images += len(pixels)
+            torch.cuda.synchronize()
+            rate = images / (time.perf_counter() - began)
+    connection.send({"transport": transport, "first_batch_equals_shared_memory": identical, "images_per_second": round(rate)})
+
+
+def served_cuda_ipc(run: Run, dataset: Path) -> dict:
+    """CUDA IPC as the server's transport: chosen by auto for a trainer on the same GPU."""
+    from augserve.rpc.server import DatasetConfig, ServerConfig, create_server
+
+    config = ServerConfig(host="127.0.0.1", port=0, backend="dali", threads=min(8, os.cpu_count() or 1), datasets={"bench": DatasetConfig(str(dataset))})
+    server = create_server(config, run.dali())
+    context = multiprocessing.get_context("spawn")
+    ours, theirs = context.Pipe()
+    trainer = context.Process(target=served_ipc_trainer, args=(server.address, run.seconds, theirs), daemon=True)
+    trainer.start()
+    try:
+        if not ours.poll(120 + run.seconds):
+            raise TimeoutError("the trainer process sent nothing within its time")
+        result = ours.recv()
+    finally:
+        trainer.join(30)
+        server.stop(grace=2.0)
+    ok = result["transport"] == "cuda_ipc" and result["first_batch_equals_shared_memory"]
+    return {**result, "batch": STREAM_BATCH, "verdict": "auto chose CUDA IPC, bytes identical" if ok else "not as expected"}
+
+
 def opencv_all_cores(run: Run, dataset: Path) -> dict:
     spec = AugmentSpec.from_dict(RATE_SPEC)
     batches = raw_batches(spec, (256, 256), 2)
@@ -752,6 +803,11 @@ def main(argv: list[str] | None = None) -> None:
         needs=None
         if reason is None and run.gpus
         else f"no GPU here ({reason or 'DALI sees none'})",
+    )
+    run.part(
+        "served_cuda_ipc",
+        lambda: served_cuda_ipc(run, dataset),
+        needs=None if reason is None and run.gpus else f"no GPU here ({reason or 'DALI sees none'})",
     )
     run.part("opencv_all_cores", lambda: opencv_all_cores(run, dataset))
     run.part("two_trainers", lambda: two_trainers(run))

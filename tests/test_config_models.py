@@ -93,6 +93,7 @@ SERVER_VALUES: dict[str, Any] = {
     "port": 6000,
     "backend": "opencv",
     "threads": 3,
+    "cuda_ipc_device": 1,
     "datasets": {"pets": {"path": "/data/pets", "validation_fraction": 0.1}, "listed": "/data/list.csv"},
     "limits.max_sessions": 8,
     "limits.max_batch_size": 512,

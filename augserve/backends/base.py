@@ -86,6 +86,12 @@ class DecodedSource(Protocol):
     ) -> AugmentResult: ...
 
 
+def writes_to_device(backend: Backend, device: int) -> bool:
+    """Whether `backend` writes batches into memory of GPU `device` itself (`augment_to_device`:
+    DALI on that GPU), so that a CUDA IPC slot needs no copy from the host."""
+    return callable(getattr(backend, "augment_to_device", None)) and getattr(backend, "device_id", None) == device
+
+
 def decodes_apart(backend: Backend) -> bool:
     """Whether `backend` offers `DecodesApart`: OpenCV does; DALI decodes inside its pipeline."""
     return all(callable(getattr(backend, name, None)) for name in ("decode", "apply_decoded", "run_each"))

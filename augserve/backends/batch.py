@@ -31,7 +31,7 @@ class Batch:
     With targets asked for: `targets[i]` the instances of image i in output coordinates, and
     `masks` [N, H, W] uint8 label maps (views of the `masks_out` given to `finish_batch`)."""
 
-    images: np.ndarray
+    images: np.ndarray | None  # None: written to device memory (`run_batch`'s device_pointer)
     sample_ids: np.ndarray
     labels: np.ndarray
     skipped: list[SkippedImage] = field(default_factory=list)
@@ -160,13 +160,19 @@ def run_batch(
     prepared: PreparedBatch,
     decoded: DecodedSource | None = None,
     turn: Callable[[], AbstractContextManager[object]] = nullcontext,
+    device_pointer: int | None = None,
 ) -> AugmentResult | None:
     """Run the backend on a prepared batch (None when no image is left): `backend.augment`,
     or with `decoded` and a backend that decodes apart, `decoded.augment`. `turn()` is held
     while the backend runs (a producer's fair turn); `decoded` takes it only if it runs the
-    backend itself (another producer may augment this batch while it decodes the images)."""
+    backend itself (another producer may augment this batch while it decodes the images).
+    With `device_pointer` (a backend that `writes_to_device`) the images go to that GPU
+    address instead (`backend.augment_to_device`; the result's images are None)."""
     if not prepared.plans:
         return None
+    if device_pointer is not None:
+        with turn():
+            return backend.augment_to_device(prepared.encoded, prepared.plans, device_pointer)
     out = prepared.out
     target = None if out is None else out[: len(prepared.plans)]
     if decoded is not None and decodes_apart(backend):

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 
 from augserve._proto.augserve.v1 import augserve_pb2 as pb
 from augserve._proto.augserve.v1 import augserve_pb2_grpc as pb_grpc
+from augserve.client.devices import gpu_uuid
 from augserve.client.errors import AugserveClientError
 from augserve.client.stream import BatchStream, Reconnect
 from augserve.core.spec import AugmentSpec
@@ -96,8 +99,10 @@ class Client:
         compression_level: int = 0,
         decode_group_size: int = 0,
         targets: TargetRequest | None = None,
+        cuda_device: Any = None,
     ) -> BatchStream:
-        """Open a session. epochs=0 streams endlessly; transport is auto | inband | shared_memory.
+        """Open a session. epochs=0 streams endlessly; transport is auto | inband | shared_memory
+        | cuda_ipc.
         Sessions of the same stream share one producer; `group_size` makes a new group wait
         (at most the server's group_wait_seconds) for that many members before producing.
 
@@ -115,8 +120,17 @@ class Client:
 
         `targets` (a dataset with annotations: a COCO file or a label-map folder) asks for boxes,
         keypoints and label masks through each sample's augmentation with every batch
-        (`ReceivedBatch.boxes`, `.keypoints`, `.masks`; `stream.torch_targets()` as tensors)."""
+        (`ReceivedBatch.boxes`, `.keypoints`, `.masks`; `stream.torch_targets()` as tensors).
+
+        `cuda_device` ("cuda:N", an ordinal or a torch.device) is the GPU the trainer wants its
+        batches on: a server on this host that keeps its batches on that very GPU (the dali-gpu
+        backend) then delivers them there by CUDA IPC (`transport` auto, or "cuda_ipc" to insist):
+        `ReceivedBatch.images` is a `CudaSlot` on that GPU and `stream.torch("cuda:N")` wraps it
+        without a copy. Label masks never travel so (auto then takes shared memory)."""
         choice = Compression(compression, compression_level)  # ValueError naming the argument
+        cuda_uuid, no_gpu = gpu_uuid(cuda_device) if transport in ("auto", "cuda_ipc") else (b"", "")
+        if transport == "cuda_ipc" and not cuda_uuid:
+            raise AugserveClientError(grpc.StatusCode.FAILED_PRECONDITION, f"transport='cuda_ipc': {no_gpu}")
         if choice.enabled:
             try:
                 CODECS[choice.codec].library()
@@ -143,6 +157,7 @@ class Client:
             compression=COMPRESSION_VALUES[choice.codec] if choice.enabled else pb.COMPRESSION_UNSPECIFIED,
             compression_level=choice.level,
             decode_group_size=decode_group_size,
+            cuda_device_uuid=cuda_uuid,
         )
         if spec is not None:
             open_message.spec.CopyFrom(spec_to_proto(spec))

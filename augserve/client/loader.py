@@ -107,6 +107,7 @@ class AugserveLoader:
         self.mean, self.std = tuple(mean), tuple(std)
         self.whole_passes = whole_passes
         self._options = dict(stream_options, spec=spec, batch_size=batch_size, seed=seed, split=split, drop_last=drop_last)
+        self._options.setdefault("cuda_device", device)  # batches on the trainer's GPU by CUDA IPC where it can
         self._epoch = 0
         self._yielded = 0  # batches of `_epoch` handed out
         self._tokens: list[bytes] | None = None  # one per server, just after the last batch handed out

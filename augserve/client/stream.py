@@ -17,7 +17,8 @@ from augserve._proto.augserve.v1 import augserve_pb2_grpc as pb_grpc
 from augserve.client.errors import AugserveClientError
 from augserve.client.tensors import IMAGENET_MEAN, IMAGENET_STD, targets_to_torch, to_torch, tv_tensors_module
 from augserve.rpc.compression import ChunkDecoder, CodecUnavailable, CorruptChunk
-from augserve.rpc.convert import tensor_from_proto
+from augserve.rpc.convert import TRANSPORT_NAMES, tensor_from_proto
+from augserve.transport.cuda_ipc import CudaError, CudaIpcMapping, CudaSlot, RingHandle
 from augserve.transport.ring import SHM_DIR, SlotReader, remove_probe, write_probe
 
 if TYPE_CHECKING:
@@ -45,6 +46,10 @@ class SessionFacts:
 class ReceivedBatch:
     """One batch. `images` is [count, H, W, 3] uint8 RGB; with shared memory it maps the
     server's slot and stays valid until the next batch is requested (copy it to keep it).
+    Over CUDA IPC it is a `CudaSlot` on the trainer's GPU (`__cuda_array_interface__`, and
+    `to_host()`), valid as long and only to be read: GPU work reading it must be done before the
+    next batch is requested (`to_torch` and `stream.torch()` copy it into a tensor of the
+    trainer's own first, on a side stream they wait for).
 
     With targets asked for (`Client.stream(targets=...)`), per image i: `boxes[i]` [M, 4]
     float32 (x_min, y_min, x_max, y_max in output pixels), `box_labels[i]` [M] int64 (indices
@@ -55,7 +60,7 @@ class ReceivedBatch:
     sequence: int
     epoch: int
     position: int
-    images: np.ndarray
+    images: np.ndarray | CudaSlot
     labels: np.ndarray
     sample_ids: np.ndarray
     resume_token: bytes
@@ -93,6 +98,15 @@ class Reconnect:
 RETRIED_CODES = (grpc.StatusCode.UNAVAILABLE,)
 
 
+def mapped(mappings: dict[Any, Any], key: Any, open_mapping: Any) -> Any:
+    """The mapping of the ring `key` (a segment name, a CUDA IPC handle), opened at first sight:
+    a session's first, or a new one when the server moved it to a producer of its own."""
+    mapping = mappings.get(key)
+    if mapping is None:
+        mapping = mappings[key] = open_mapping(key)
+    return mapping
+
+
 class BatchStream:
     """An open session. Iterate it for `ReceivedBatch`es; close it (or use `with`) when done.
 
@@ -119,6 +133,7 @@ class BatchStream:
         self._reconnect = reconnect
         self._decoder = ChunkDecoder()
         self._readers: dict[str, SlotReader] = {}  # shared-memory segments by name
+        self._device_rings: dict[bytes, CudaIpcMapping] = {}  # CUDA IPC rings by handle
         self._pending_release: int | None = None
         self._pause: tuple[float, float] | None = None  # (seconds asked for, when), until resume
         self._closed = False
@@ -172,15 +187,19 @@ class BatchStream:
             classes=tuple(info.classes),
             backend=info.backend,
             output_size=(info.output_size[0], info.output_size[1]),
-            transport="shared_memory" if info.transport == pb.TRANSPORT_SHARED_MEMORY else "inband",
+            transport=TRANSPORT_NAMES.get(info.transport, "inband"),
             prefetch=info.prefetch,
             start_epoch=info.start_epoch,
             start_position=info.start_position,
             shared=info.shared,
         )
         self._slot_bytes = info.slot_bytes
-        if info.shm_name and info.shm_name not in self._readers:
-            self._readers[info.shm_name] = self._map_segment(info.shm_name)
+        self._slot_count = info.slot_count
+        self._cuda_device_uuid = info.cuda_device_uuid
+        if info.shm_name:
+            mapped(self._readers, info.shm_name, self._map_segment)
+        if info.cuda_ipc_handle:
+            mapped(self._device_rings, info.cuda_ipc_handle, self._map_device_ring)
 
     def _next_message(self) -> pb.ServerMessage:
         """The call's next message; StopIteration at its end. The watchdog measures the wait."""
@@ -274,14 +293,19 @@ class BatchStream:
         has_masks = message.HasField("masks")
         masks = None
         if message.shm_name:
-            reader = self._readers.get(message.shm_name)
-            if reader is None:  # the server moved this session to a producer of its own
-                reader = self._readers[message.shm_name] = self._map_segment(message.shm_name)
+            reader = mapped(self._readers, message.shm_name, self._map_segment)
             try:
                 images = reader.view(message.slot, (message.count, height, width, 3))
                 if has_masks:
                     masks = reader.view(message.slot, (message.count, height, width), message.masks_offset)
             except ValueError as error:
+                raise self._data_loss(message, str(error)) from None
+            self._pending_release = message.sequence
+        elif message.cuda_ipc_handle:
+            ring = mapped(self._device_rings, message.cuda_ipc_handle, self._map_device_ring)
+            try:
+                images = ring.slot(message.slot, (message.count, height, width, 3))
+            except (IndexError, ValueError) as error:
                 raise self._data_loss(message, str(error)) from None
             self._pending_release = message.sequence
         elif message.chunks:
@@ -384,6 +408,20 @@ class BatchStream:
                 self.last_resume_token,
             ) from None
 
+    def _map_device_ring(self, handle: bytes) -> CudaIpcMapping:
+        """Open the server's CUDA IPC ring `handle`, or close this stream and raise
+        AugserveClientError (FAILED_PRECONDITION): the GPU or the driver refuses it here (another
+        container without the host's IPC namespace, a driver that cannot map it)."""
+        try:
+            return CudaIpcMapping(RingHandle(handle, self._cuda_device_uuid, self._slot_count, self._slot_bytes))
+        except (OSError, CudaError, LookupError, ValueError) as error:
+            self.close()
+            raise AugserveClientError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"cannot open the server's CUDA IPC ring ({error}); open the stream with transport=\"shared_memory\"",
+                self.last_resume_token,
+            ) from None
+
     def _acknowledge_previous(self) -> None:
         """The caller moved on: free the previous batch's slot and grant one more batch."""
         sequence, self._pending_release = self._pending_release, None
@@ -473,6 +511,12 @@ class BatchStream:
         for reader in self._readers.values():
             reader.close()
         self._readers.clear()
+        for ring in self._device_rings.values():
+            try:
+                ring.close()
+            except CudaError:
+                pass  # the driver is going away with the process
+        self._device_rings.clear()
 
     def __enter__(self) -> BatchStream:
         return self

@@ -9,14 +9,21 @@ import numpy as np
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+_SIDE_STREAMS: dict[int, Any] = {}  # per GPU: the stream CUDA IPC slots are copied on
 
 
-def to_torch(images: np.ndarray, labels: np.ndarray, device: Any, normalize: bool, mean: Sequence[float], std: Sequence[float]):
-    """uint8 NHWC numpy -> torch on `device`; normalization runs on the device. A CUDA device
-    gets a pinned-memory copy and a non-blocking transfer."""
+def to_torch(images: Any, labels: np.ndarray, device: Any, normalize: bool, mean: Sequence[float], std: Sequence[float]):
+    """uint8 NHWC numpy (or a CUDA IPC `CudaSlot`) -> torch on `device`; normalization runs on
+    the device. A CUDA device gets a pinned-memory copy and a non-blocking transfer."""
     import torch
 
     device = torch.device(device)
+    if hasattr(images, "__cuda_array_interface__"):
+        pixels = slot_to_torch(images)
+        if pixels.device != device:
+            pixels = pixels.to(device)
+        targets = torch.from_numpy(labels).to(device)
+        return (pixels, targets) if not normalize else (normalized(pixels, mean, std), targets)
     if not images.flags.writeable and device.type == "cpu" and not normalize:
         images = images.copy()  # a uint8 tensor handed to the caller must be writable
     # Otherwise a read-only array (in-band: the message's bytes; shared memory: a read-only
@@ -30,10 +37,34 @@ def to_torch(images: np.ndarray, labels: np.ndarray, device: Any, normalize: boo
         targets = targets.pin_memory().to(device, non_blocking=True)
     if not normalize:
         return pixels, targets
-    mean_tensor = torch.tensor(mean, device=device, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
-    std_tensor = torch.tensor(std, device=device, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
-    floats = pixels.permute(0, 3, 1, 2).float()
-    return (floats - mean_tensor) / std_tensor, targets
+    return normalized(pixels, mean, std), targets
+
+
+def normalized(pixels: Any, mean: Sequence[float], std: Sequence[float]) -> Any:
+    """uint8 NHWC -> float32 NCHW, (pixel / 255 - mean) / std, on the pixels' device."""
+    import torch
+
+    mean_tensor = torch.tensor(mean, device=pixels.device, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+    std_tensor = torch.tensor(std, device=pixels.device, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+    return (pixels.permute(0, 3, 1, 2).float() - mean_tensor) / std_tensor
+
+
+def slot_to_torch(slot: Any) -> Any:
+    """A CUDA IPC slot copied into a uint8 tensor of the trainer's own on the slot's GPU. The copy
+    runs on a side stream and is waited for here: the slot (the server's, read by its whole
+    group) may go back to the server as soon as this returns, whatever the trainer has queued,
+    and the tensor outlives it (autograd may keep it)."""
+    import torch
+
+    device = torch.device("cuda", slot.device)
+    side = _SIDE_STREAMS.get(slot.device)
+    if side is None:
+        side = _SIDE_STREAMS[slot.device] = torch.cuda.Stream(device)
+    with torch.cuda.stream(side):
+        pixels = torch.as_tensor(slot, device=device).clone()
+    side.synchronize()
+    pixels.record_stream(torch.cuda.current_stream(device))
+    return pixels
 
 
 def tv_tensors_module() -> Any | None:

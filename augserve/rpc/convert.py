@@ -22,8 +22,9 @@ TRANSPORT_NAMES = {
     pb.TRANSPORT_UNSPECIFIED: "auto",
     pb.TRANSPORT_INBAND: "inband",
     pb.TRANSPORT_SHARED_MEMORY: "shared_memory",
+    pb.TRANSPORT_CUDA_IPC: "cuda_ipc",
 }
-TRANSPORT_VALUES = {"auto": pb.TRANSPORT_UNSPECIFIED, "inband": pb.TRANSPORT_INBAND, "shared_memory": pb.TRANSPORT_SHARED_MEMORY}
+TRANSPORT_VALUES = {name: value for value, name in TRANSPORT_NAMES.items()}
 BAD_IMAGE_NAMES = {
     pb.BAD_IMAGE_POLICY_UNSPECIFIED: "skip",
     pb.BAD_IMAGE_POLICY_SKIP: "skip",

@@ -9,6 +9,7 @@ import numpy as np
 from augserve._proto.augserve.v1 import augserve_pb2 as pb
 from augserve.core.targets import SampleTargets
 from augserve.rpc.compression import ChunkEncoder
+from augserve.rpc.convert import TRANSPORT_VALUES
 from augserve.streaming.limits import Limits
 from augserve.streaming.session import Delivery, EpochEnded, Event, StreamEnded, StreamFacts
 
@@ -43,8 +44,10 @@ def session_info(facts: StreamFacts, backend: str) -> pb.ServerMessage:
             classes=list(facts.classes),
             backend=backend,
             output_size=list(facts.output_size),
-            transport=pb.TRANSPORT_SHARED_MEMORY if facts.shared_memory else pb.TRANSPORT_INBAND,
+            transport=TRANSPORT_VALUES[facts.transport],
             shm_name=facts.shm_name,
+            cuda_ipc_handle=facts.cuda_ipc_handle,
+            cuda_device_uuid=facts.cuda_device_uuid,
             slot_bytes=facts.slot_bytes,
             slot_count=facts.slot_count,
             prefetch=facts.prefetch,
@@ -132,6 +135,7 @@ def _batch_message(delivery: Delivery, chunk_bytes: int) -> pb.ServerMessage:
     if delivery.images is None:
         message.slot = delivery.slot
         message.shm_name = delivery.shm_name
+        message.cuda_ipc_handle = delivery.cuda_ipc_handle
     else:
         message.images.shape.extend(delivery.images.shape)
         message.images.dtype = delivery.images.dtype.name

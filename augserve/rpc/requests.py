@@ -33,6 +33,7 @@ from augserve.rpc.convert import (
 from augserve.rpc.messages import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, MIN_CHUNK_BYTES
 from augserve.streaming.keys import ResumeToken
 from augserve.streaming.request import SessionRequest
+from augserve.transport.cuda_ipc import UUID_BYTES
 
 
 def parse_open(
@@ -63,6 +64,8 @@ def parse_open(
         raise SpecError("open.seed", f"{message.seed} is over the largest seed {MAX_SEED}")
     if message.max_chunk_bytes and not MIN_CHUNK_BYTES <= message.max_chunk_bytes <= MAX_CHUNK_BYTES:
         raise SpecError("open.max_chunk_bytes", f"{message.max_chunk_bytes} is outside [{MIN_CHUNK_BYTES}, {MAX_CHUNK_BYTES}] (0: the default)")
+    if message.cuda_device_uuid and len(message.cuda_device_uuid) != UUID_BYTES:
+        raise SpecError("open.cuda_device_uuid", f"{len(message.cuda_device_uuid)} bytes, a GPU's UUID has {UUID_BYTES}")
     resume = ResumeToken.decode(message.resume_token) if message.resume_token else None
     return SessionRequest(
         dataset=message.dataset,
@@ -85,6 +88,7 @@ def parse_open(
         max_chunk_bytes=message.max_chunk_bytes or DEFAULT_CHUNK_BYTES,
         decode_group_size=message.decode_group_size,
         targets=parse_targets(message.targets),
+        cuda_device_uuid=message.cuda_device_uuid,
     )
 
 

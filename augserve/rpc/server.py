@@ -35,6 +35,7 @@ from augserve.core.config import (
     config_dataclass,
     plain_dataclass,
 )
+from augserve.core.errors import SpecError
 from augserve.data.datasets import Dataset, load_manifest
 from augserve.data.reading import DEFAULT_MAX_FILE_BYTES
 from augserve.rpc import keepalive
@@ -45,6 +46,7 @@ from augserve.rpc.servicer import SERVICE_NAME, AugmentServicer, TolerantDecodin
 from augserve.streaming.limits import Limits
 from augserve.streaming.manager import SessionManager
 from augserve.streaming.scheduler import FairScheduler
+from augserve.transport.cuda_ipc import CudaError, CudaIpcDevice, cuda_ipc_device
 from augserve.transport.ring import remove_stale_segments
 
 log = logging.getLogger(__name__)
@@ -89,6 +91,11 @@ class ServerConfig(ConfigModel):
     port: Port = Field(0, description="gRPC port (0: any free port; read AugserveServer.port)")
     backend: Literal[BACKEND_CHOICES] = "auto"
     threads: PositiveInteger | None = Field(None, description="backend worker threads (null: every core)")
+    cuda_ipc_device: NonNegativeInteger | None = Field(
+        None,
+        description="GPU whose memory holds CUDA IPC batches for trainers on that GPU (null: the dali backend's own GPU; "
+        "set it to give a CPU backend's batches to them)",
+    )
     datasets: dict[Annotated[Text, AfterValidator(_dataset_name)], Annotated[DatasetConfig, BeforeValidator(_path_or_entry)]] = field(
         default_factory=dict
     )
@@ -111,6 +118,23 @@ class ServerConfig(ConfigModel):
         return TlsFiles(self.tls_cert, self.tls_key, self.tls_client_ca)
 
 
+def cuda_ipc_target(requested: int | None, backend: Backend) -> CudaIpcDevice | None:
+    """The GPU CUDA IPC batches live on: `requested` (SpecError where it cannot be), else the
+    GPU the backend runs on (none, logged, where CUDA IPC cannot run there), else none."""
+    device = requested if requested is not None else getattr(backend, "device_id", None)
+    if device is None:
+        return None
+    try:
+        target = cuda_ipc_device(device)
+    except (CudaError, OSError) as error:
+        if requested is not None:
+            raise SpecError("config.cuda_ipc_device", f"GPU {device} cannot hold CUDA IPC batches: {error}") from None
+        log.warning("CUDA IPC is off: GPU %d cannot hold its batches (%s)", device, error)
+        return None
+    log.info("CUDA IPC batches for trainers on GPU %d (UUID %s)", device, target.uuid.hex())
+    return target
+
+
 class AugserveServer:
     """A running server. `stop()` is graceful: health NOT_SERVING, no new sessions, live
     streams end with UNAVAILABLE and a resume token, then the gRPC server stops."""
@@ -128,7 +152,10 @@ class AugserveServer:
             for name, entry in config.datasets.items()
         }
         self.backend = backend or create_backend(config.backend, config.threads)
-        self.manager = SessionManager(self.backend, datasets, config.limits, FairScheduler(concurrent_batches(self.backend)))
+        self.manager = SessionManager(
+            self.backend, datasets, config.limits, FairScheduler(concurrent_batches(self.backend)),
+            cuda_ipc_device=cuda_ipc_target(config.cuda_ipc_device, self.backend),
+        )
         message_bytes = config.limits.max_message_bytes
         self.tokens = load_tokens(config.token_file)
         self.grpc_server = grpc.server(

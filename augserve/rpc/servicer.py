@@ -58,7 +58,7 @@ class AugmentServicer(pb_grpc.AugmentServicer):
             session = self.manager.open(request)
             # Per session, at send time: members of one group share the produced batch and
             # each gets it encoded its own way.
-            encoder = ChunkEncoder(compression) if compression.enabled and not session.facts.shared_memory else None
+            encoder = ChunkEncoder(compression) if compression.enabled and session.facts.transport == "inband" else None
             context.add_callback(session.cancel)
             threading.Thread(
                 target=_read_client, args=(request_iterator, session), name=f"augserve-reader-{session.id}", daemon=True

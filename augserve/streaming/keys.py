@@ -32,8 +32,18 @@ class StreamKey:
     drop_last: bool
     on_bad_image: str
     max_decoded_pixels: int
-    shared_memory: bool
+    shared_memory: bool  # the ring is a /dev/shm file clients map
     targets: TargetRequest = TargetRequest()
+    cuda_ipc: bool = False  # the ring is device memory clients map by CUDA IPC handle
+
+    @property
+    def slotted(self) -> bool:
+        """Clients read batches from the ring itself and release the slots (not in-band)."""
+        return self.shared_memory or self.cuda_ipc
+
+    @property
+    def transport(self) -> str:
+        return "cuda_ipc" if self.cuda_ipc else "shared_memory" if self.shared_memory else "inband"
 
     @property
     def order_key(self) -> tuple:
@@ -47,8 +57,8 @@ class StreamKey:
 
     @property
     def token_hash(self) -> str:
-        """Identity for resume tokens: everything but the memory kind (transport may change)."""
-        parts = {name: getattr(self, name) for name in self.__dataclass_fields__ if name not in ("shared_memory", "targets")}
+        """Identity for resume tokens: everything but the transport (it may change)."""
+        parts = {name: getattr(self, name) for name in self.__dataclass_fields__ if name not in ("shared_memory", "cuda_ipc", "targets")}
         if self.targets.any:  # absent otherwise, so that a plain stream's tokens stay as they were
             parts["targets"] = self.targets.key()
         return stream_hash(parts)

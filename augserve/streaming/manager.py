@@ -34,6 +34,7 @@ from augserve.streaming.producer import Producer
 from augserve.streaming.request import SessionRequest
 from augserve.streaming.scheduler import FairScheduler
 from augserve.streaming.session import Session, StreamFacts
+from augserve.transport.cuda_ipc import CudaIpcDevice, DeviceRingExhausted
 from augserve.transport.ring import SharedMemoryExhausted, probe_matches, shared_memory_available
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,7 @@ class SessionManager:
     producers: dict[int, Producer] = field(default_factory=dict)
     counters: Counters = field(default_factory=Counters)
     headers: HeaderCache = field(default_factory=HeaderCache)
+    cuda_ipc_device: CudaIpcDevice | None = None  # the GPU CUDA IPC rings live on; None: no CUDA IPC
     shutting_down: bool = False
 
     def __post_init__(self) -> None:
@@ -110,14 +112,19 @@ class SessionManager:
 
     def open(self, request: SessionRequest) -> Session:
         dataset, split_ids, output_size, shard_size = self._admit(request)
-        shared_memory = self._wants_shared_memory(request)
+        transport = self._choose_transport(request)
         try:
-            return self._open_on(request, dataset, split_ids, output_size, shard_size, shared_memory)
+            return self._open_on(request, dataset, split_ids, output_size, shard_size, transport)
         except SharedMemoryExhausted as error:
-            if not shared_memory or request.transport != "auto":
+            if transport != "shared_memory" or request.transport != "auto":
                 raise
             log.warning("%s; this session goes in-band", error)
-            return self._open_on(request, dataset, split_ids, output_size, shard_size, False)
+            return self._open_on(request, dataset, split_ids, output_size, shard_size, "inband")
+        except DeviceRingExhausted as error:
+            if request.transport != "auto":
+                raise
+            log.warning("%s; this session goes over shared memory", error)
+            return self._open_on(request, dataset, split_ids, output_size, shard_size, "shared_memory")
 
     def _open_on(
         self,
@@ -126,7 +133,7 @@ class SessionManager:
         split_ids,
         output_size: tuple[int, int],
         shard_size: int,
-        shared_memory: bool,
+        transport: str,
     ) -> Session:
         """Open the session with the transport decided: join a producer of its stream, or
         start one within the budget."""
@@ -142,14 +149,15 @@ class SessionManager:
             drop_last=request.drop_last,
             on_bad_image=request.bad_image_policy.on_bad_image,
             max_decoded_pixels=request.bad_image_policy.max_pixels,
-            shared_memory=shared_memory,
+            shared_memory=transport == "shared_memory",
             targets=request.targets,
+            cuda_ipc=transport == "cuda_ipc",
         )
         cursor = self._start_cursor(request, key, shard_size)
         prefetch = request.prefetch or self.limits.default_prefetch
         # Endless streams end after the last epoch plans can number.
         end_epoch = request.epochs or MAX_EPOCH + 1
-        inband_bytes = 0 if shared_memory else INBAND_COPIES * request.batch_size * output_size[0] * output_size[1] * key.targets.pixel_bytes
+        inband_bytes = 0 if key.slotted else INBAND_COPIES * request.batch_size * output_size[0] * output_size[1] * key.targets.pixel_bytes
         with self._lock:
             self._reap()
             if self.shutting_down:
@@ -183,7 +191,7 @@ class SessionManager:
         log.info(
             "session %s opened: dataset=%s split=%s batch=%d seed=%d shard=%d/%d transport=%s producer=%d%s",
             session.id, key.dataset, key.split, key.batch_size, key.seed, key.shard_index, key.shard_count,
-            "shared_memory" if shared_memory else "inband", producer.id, " (shared)" if session.facts.shared else "",
+            transport, producer.id, " (shared)" if session.facts.shared else "",
         )
         return session
 
@@ -254,15 +262,37 @@ class SessionManager:
             raise SpecError("open.resume_token", f"position {request.resume.position} is past the shard's {shard_size} samples")
         return (request.resume.epoch, request.resume.position)
 
-    @staticmethod
-    def _wants_shared_memory(request: SessionRequest) -> bool:
-        """auto: shared memory when the client proved it shares this host's /dev/shm."""
+    def _choose_transport(self, request: SessionRequest) -> str:
+        """auto: CUDA IPC to a client on this host and GPU, else shared memory when the client
+        proved it shares this host's /dev/shm, else in-band. A transport asked for by name that
+        cannot be is a SpecError saying why."""
         if request.transport == "inband":
-            return False
-        possible = shared_memory_available() and probe_matches(request.shm_probe_name, request.shm_probe_nonce)
-        if request.transport == "shared_memory" and not possible:
+            return "inband"
+        same_host = shared_memory_available() and probe_matches(request.shm_probe_name, request.shm_probe_nonce)
+        if request.transport == "shared_memory" and not same_host:
             raise SpecError("open.transport", "shared memory needs the client on the server's host (its probe file was not found)")
-        return possible
+        if request.transport in ("auto", "cuda_ipc"):
+            refusal = self._cuda_ipc_refusal(request, same_host)
+            if refusal is None:
+                return "cuda_ipc"
+            if request.transport == "cuda_ipc":
+                raise SpecError("open.transport", f"CUDA IPC: {refusal}")
+        return "shared_memory" if same_host else "inband"
+
+    def _cuda_ipc_refusal(self, request: SessionRequest, same_host: bool) -> str | None:
+        """Why this session cannot have CUDA IPC, or None when it can."""
+        device = self.cuda_ipc_device
+        if device is None:
+            return "this server keeps no batches on a GPU (a CPU backend without cuda_ipc_device, or no CUDA driver)"
+        if not request.cuda_device_uuid:
+            return "the client named no GPU (open.cuda_device_uuid)"
+        if request.cuda_device_uuid != device.uuid:
+            return f"the client's GPU {request.cuda_device_uuid.hex()} is not the server's GPU {device.uuid.hex()}"
+        if not same_host:
+            return "the client is not on the server's host (its shared-memory probe was not found)"
+        if request.targets.masks:
+            return "label masks travel in-band or over shared memory only (open.targets.masks)"
+        return None
 
     def _decode_group(self, key: StreamKey) -> DecodeGroup:
         """The decode group of `key`'s dataset order (manager lock held)."""
@@ -325,6 +355,7 @@ class SessionManager:
             headers=self.headers, counters=self.counters, group_wait_seconds=self.limits.group_wait_seconds,
             wake_manager=self._wake, expected_members=expected_members, decode_group=decode_group,
             decoded_cache=self.decoded_cache, expected_order_sessions=expected_order_sessions,
+            cuda_ipc_device=self.cuda_ipc_device.ordinal if key.cuda_ipc else None,
         )
         if decode_group is not None:
             decode_group.join(producer.id, cursor, producer.held_up)
@@ -346,8 +377,10 @@ class SessionManager:
             batches_per_epoch=producer.layout.batches_per_epoch,
             classes=tuple(producer.dataset.manifest.classes),
             output_size=producer.output_size,
-            shared_memory=producer.key.shared_memory,
+            transport=producer.key.transport,
             shm_name=producer.ring.name or "",
+            cuda_ipc_handle=producer.cuda_ipc_handle,
+            cuda_device_uuid=self.cuda_ipc_device.uuid if producer.key.cuda_ipc else b"",
             slot_bytes=producer.slot_bytes,
             slot_count=producer.ring.slot_count,
             prefetch=session.prefetch,

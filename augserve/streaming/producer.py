@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from augserve.backends.base import Backend, decodes_apart, read_ahead_batches
+from augserve.backends.base import Backend, decodes_apart, read_ahead_batches, writes_to_device
 from augserve.backends.batch import Batch, finish_batch, load_targets, prepare_batch, run_batch
 from augserve.core.errors import AugserveError
 from augserve.core.images import HeaderCache
@@ -53,6 +53,7 @@ from augserve.streaming.decoding import BatchDecode, DecodeGroup, DecodeTally
 from augserve.streaming.keys import StreamKey
 from augserve.streaming.scheduler import FairScheduler
 from augserve.streaming.slots import ProducedBatch, SlotTable
+from augserve.transport.cuda_ipc import CudaIpcRing
 from augserve.transport.ring import SlotRing
 
 if TYPE_CHECKING:
@@ -106,6 +107,7 @@ class Producer:
         decode_group: DecodeGroup | None = None,
         decoded_cache: DecodedCache | None = None,
         expected_order_sessions: int = 0,
+        cuda_ipc_device: int | None = None,
     ) -> None:
         self.id = next(self._ids)
         self.condition = threading.Condition()
@@ -121,6 +123,11 @@ class Producer:
         self.masks_offset = key.batch_size * output_size[0] * output_size[1] * 3
         self.slot_bytes = key.batch_size * output_size[0] * output_size[1] * key.targets.pixel_bytes
         self.ring = SlotRing(slot_count, self.slot_bytes, key.shared_memory)
+        # CUDA IPC: the slots clients read are on the GPU. A backend that writes there itself
+        # (DALI on that GPU) leaves the host ring untouched (never paged in); any other backend
+        # writes the host slot and the batch is copied up once.
+        self.device_ring = None if cuda_ipc_device is None else CudaIpcRing(slot_count, self.slot_bytes, cuda_ipc_device)
+        self._writes_device = self.device_ring is not None and writes_to_device(backend, self.device_ring.device)
         self.slots = SlotTable(slot_count)
         self.members: list[Session] = []
         self.expected_members = expected_members
@@ -220,9 +227,17 @@ class Producer:
             return None
         return self.ring.view(batch.slot, (len(batch.sample_ids), *self.output_size), self.masks_offset)
 
+    @property
+    def cuda_ipc_handle(self) -> bytes:
+        """The device ring's CUDA IPC handle (b"" without one)."""
+        return b"" if self.device_ring is None else self.device_ring.handle.ipc_handle
+
     def close_ring(self) -> None:
-        """Free the ring (unlink its shared-memory file); only once the thread has returned."""
+        """Free the ring (unlink its shared-memory file, free its device memory); only once
+        the thread has returned."""
         self.ring.close()
+        if self.device_ring is not None:
+            self.device_ring.close()
 
     # --- the production loop ---
 
@@ -310,23 +325,28 @@ class Producer:
         started = time.perf_counter()
         if self.stopped:
             return None
-        out = self.ring.view_for_writing(slot, (len(ids), *self.output_size, 3))
+        out = None if self._writes_device else self.ring.view_for_writing(slot, (len(ids), *self.output_size, 3))
+        device_pointer = self.device_ring.slot_pointer(slot) if self._writes_device else None
         targets = self.key.targets
         masks_out = self.ring.view(slot, (len(ids), *self.output_size), self.masks_offset) if targets.masks else None
         decoded = self._decode_step(cursor, until_epoch)
         read_files = partial(read_sources, self.dataset.manifest, ids)
         try:
             sources = read_files() if decoded is None else decoded.read(read_files)
-            prepared = prepare_batch(self.spec, self.key.seed, cursor[0], sources, self._policy, out=out, headers=self._headers)
+            prepared = prepare_batch(
+                self.spec, self.key.seed, cursor[0], sources, self._policy, out=out, output_size=self.output_size, headers=self._headers
+            )
             if targets.any:
                 load_targets(prepared, self.dataset.manifest.targets, targets)
-            result = run_batch(self._backend, prepared, decoded, self._turn)
+            result = run_batch(self._backend, prepared, decoded, self._turn, device_pointer)
         except _Stopped:
             return None
         finally:
             if decoded is not None:
                 decoded.close()
         batch = finish_batch(prepared, result, masks_out)
+        if self.device_ring is not None and not self._writes_device and len(batch.sample_ids):
+            self.device_ring.write(slot, batch.images)
         if decoded is None:
             self._counters.add(images_decoded=len(batch.sample_ids))
         return batch, time.perf_counter() - started

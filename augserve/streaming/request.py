@@ -22,7 +22,7 @@ class SessionRequest:
     epochs: int  # 0: endless
     shard_index: int
     shard_count: int
-    transport: str  # auto | inband | shared_memory
+    transport: str  # auto | inband | shared_memory | cuda_ipc
     prefetch: int  # 0: the server's default
     resume: ResumeToken | None
     bad_image_policy: BadImagePolicy
@@ -34,3 +34,4 @@ class SessionRequest:
     max_chunk_bytes: int = 0  # in-band: most pixel bytes per Chunk message; 0: the default
     decode_group_size: int = 0  # sessions expected on this dataset order, any spec (a new producer waits for them)
     targets: TargetRequest = TargetRequest()  # boxes, keypoints, masks besides the images
+    cuda_device_uuid: bytes = b""  # the GPU the client wants batches on (CUDA IPC); b"": none

@@ -39,20 +39,22 @@ class StreamFacts:
     batches_per_epoch: int
     classes: tuple[str, ...]
     output_size: tuple[int, int]
-    shared_memory: bool
-    shm_name: str  # "" for in-band
+    transport: str  # inband | shared_memory | cuda_ipc
+    shm_name: str  # shared memory: the ring's file; else ""
     slot_bytes: int
     slot_count: int
     prefetch: int
     start_cursor: Cursor
     shared: bool  # the stream is (or will be) shared with other sessions
+    cuda_ipc_handle: bytes = b""  # CUDA IPC: the ring's handle, on the GPU `cuda_device_uuid`
+    cuda_device_uuid: bytes = b""
 
 
 @dataclass(frozen=True, eq=False)
 class Delivery:
     """One batch for the client. `images` ([count, H, W, 3] uint8 view of the slot) is set for
     in-band sessions and valid until the consumer asks for the next event; shared-memory
-    sessions get the slot and segment name instead."""
+    sessions get the slot and segment name instead, CUDA IPC ones the slot and ring handle."""
 
     sequence: int  # the session's own numbering, from 0
     epoch: int
@@ -64,6 +66,7 @@ class Delivery:
     images: np.ndarray | None
     slot: int
     shm_name: str
+    cuda_ipc_handle: bytes
     end_of_epoch: bool
     epoch_skipped: int
     samples_per_epoch: int
@@ -276,8 +279,8 @@ class Session:
         self.last_activity = time.monotonic()
         token = ResumeToken(self.key.token_hash, *batch.next_cursor).encode()
         self.last_token = token
-        shared_memory = self.key.shared_memory
-        if shared_memory:
+        slotted = self.key.slotted
+        if slotted:
             self.outstanding[sequence] = (producer, batch.sequence)
         else:
             self.last_consumed = time.monotonic()  # in-band, a batch sent is a batch taken
@@ -292,11 +295,12 @@ class Session:
             labels=batch.labels,
             skipped=tuple(batch.skipped),
             resume_token=token,
-            images=None if shared_memory else producer.images_of(batch),
+            images=None if slotted else producer.images_of(batch),
             slot=batch.slot,
             shm_name=producer.ring.name or "",
+            cuda_ipc_handle=producer.cuda_ipc_handle,
             targets=batch.targets,
-            masks=None if shared_memory else producer.masks_of(batch),
+            masks=None if slotted else producer.masks_of(batch),
             masks_offset=self._masks_offset(producer, count),
             end_of_epoch=batch.end_of_epoch,
             epoch_skipped=batch.epoch_skipped,

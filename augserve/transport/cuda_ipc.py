@@ -9,29 +9,48 @@ allows this only between two processes on the same physical device (a process ca
 own handle), so a trainer finds its device by UUID (`device_with_uuid`), whatever ordinals
 CUDA_VISIBLE_DEVICES gives each side.
 
-The CUDA driver API is called through ctypes (`libcuda.so.1`, installed by every NVIDIA driver),
-in each device's primary context (the one PyTorch, CuPy and DALI share), so neither side
-needs a CUDA toolkit or torch. `CudaSlot` has `__cuda_array_interface__`: `torch.as_tensor(slot,
-device="cuda")` wraps it without a copy.
+The CUDA driver API is called through ctypes (`libcuda.so.1`, installed by every NVIDIA driver;
+AUGSERVE_CUDA_DRIVER names another file), in each device's primary context (the one PyTorch,
+CuPy and DALI share), so neither side needs a CUDA toolkit or torch. `CudaSlot` has
+`__cuda_array_interface__`: `torch.as_tensor(slot, device="cuda")` wraps it without a copy.
+
+As a Stream transport (TRANSPORT_CUDA_IPC) the ring is a producer's: the handle travels in
+SessionInfo and Batch, the slot in Batch, and the trainer releases slots as on shared memory.
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from augserve.core.errors import LimitError
+
 IPC_HANDLE_BYTES = 64
+UUID_BYTES = 16
+DRIVER_LIBRARY_VARIABLE = "AUGSERVE_CUDA_DRIVER"
 CUDA_SUCCESS = 0
 CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS = 1
 
 
 class CudaError(RuntimeError):
     """A CUDA driver call failed; the message names the call and the driver's error."""
+
+
+class DeviceRingExhausted(LimitError):
+    """The GPU cannot hold a CUDA IPC ring of `needed_bytes` (nothing was allocated)."""
+
+    def __init__(self, needed_bytes: int, device: int, error: CudaError) -> None:
+        super().__init__(
+            f"GPU {device} cannot hold this stream's CUDA IPC ring of {needed_bytes} bytes "
+            f"({needed_bytes / 2**20:.1f} MiB): {error}; use transport=\"shared_memory\""
+        )
+        self.needed_bytes = needed_bytes
 
 
 class IpcMemHandle(ctypes.Structure):
@@ -68,7 +87,7 @@ class CudaDriver:
         """One driver per process (OSError without libcuda, CudaError without a device)."""
         with cls._shared_lock:
             if cls._shared is None:
-                cls._shared = cls()
+                cls._shared = cls(os.environ.get(DRIVER_LIBRARY_VARIABLE) or "libcuda.so.1")
             return cls._shared
 
     def _check(self, status: int, call: str) -> None:
@@ -190,11 +209,44 @@ def device_with_uuid(uuid: bytes, driver: CudaDriver | None = None) -> int:
 
 
 @dataclass(frozen=True)
+class CudaIpcDevice:
+    """The GPU a server keeps CUDA IPC batches on: its ordinal here and its UUID everywhere."""
+
+    ordinal: int
+    uuid: bytes
+
+
+def cuda_ipc_device(ordinal: int) -> CudaIpcDevice:
+    """Device `ordinal` as CUDA IPC rings name it; CudaError (or OSError) where it cannot be."""
+    reason = cuda_ipc_unavailable(ordinal)
+    if reason is not None:
+        raise CudaError(reason)
+    return CudaIpcDevice(ordinal, CudaDriver.shared().device_uuid(ordinal))
+
+
+@dataclass(frozen=True)
 class CudaSlot:
-    """[N, H, W, 3] uint8 at a device pointer; `__cuda_array_interface__` for torch or CuPy."""
+    """[N, H, W, 3] uint8 at a device pointer of GPU `device` (this process's ordinal);
+    `__cuda_array_interface__` for torch or CuPy, `to_host()` for a numpy copy."""
 
     pointer: int
     shape: tuple[int, ...]
+    device: int = 0
+    driver: CudaDriver | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape))
+
+    def to_host(self, out: np.ndarray | None = None) -> np.ndarray:
+        """The slot's bytes copied into `out` (C-contiguous uint8 of its shape) or a new array."""
+        out = np.empty(self.shape, np.uint8) if out is None else out
+        if out.shape != self.shape or out.dtype != np.uint8:
+            raise ValueError(f"out is {out.dtype} {out.shape}, the slot uint8 {self.shape}")
+        driver = self.driver or CudaDriver.shared()
+        with driver.context(self.device):
+            driver.to_host(out, self.pointer)
+        return out
 
     @property
     def __cuda_array_interface__(self) -> dict:
@@ -232,7 +284,10 @@ class CudaIpcRing:
         self.slot_count = slot_count
         self.slot_bytes = slot_bytes
         with self.driver.context(device):
-            self.base = self.driver.allocate(slot_count * slot_bytes)
+            try:
+                self.base = self.driver.allocate(slot_count * slot_bytes)
+            except CudaError as error:
+                raise DeviceRingExhausted(slot_count * slot_bytes, device, error) from None
             self.handle = RingHandle(
                 self.driver.ipc_handle(self.base),
                 self.driver.device_uuid(device),
@@ -276,14 +331,11 @@ class CudaIpcMapping:
             raise IndexError(f"slot {slot} is outside [0, {self.handle.slot_count})")
         if int(np.prod(shape)) > self.handle.slot_bytes:
             raise ValueError(f"shape {shape} does not fit a slot of {self.handle.slot_bytes} bytes")
-        return CudaSlot(self.base + slot * self.handle.slot_bytes, tuple(shape))
+        return CudaSlot(self.base + slot * self.handle.slot_bytes, tuple(shape), self.device, self.driver)
 
     def read(self, slot: int, out: np.ndarray) -> np.ndarray:
         """Copy `slot`'s first out.nbytes bytes to the host array `out`."""
-        view = self.slot(slot, out.shape)
-        with self.driver.context(self.device):
-            self.driver.to_host(out, view.pointer)
-        return out
+        return self.slot(slot, out.shape).to_host(out)
 
     def close(self) -> None:
         if self.base:

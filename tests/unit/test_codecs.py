@@ -85,7 +85,7 @@ def delivery(images: np.ndarray) -> Delivery:
     count = images.shape[0]
     return Delivery(
         sequence=5, epoch=0, position=0, sample_ids=np.arange(count), labels=np.zeros(count, np.int64), skipped=(),
-        resume_token=b"token", images=images, slot=0, shm_name="", end_of_epoch=False, epoch_skipped=0,
+        resume_token=b"token", images=images, slot=0, shm_name="", cuda_ipc_handle=b"", end_of_epoch=False, epoch_skipped=0,
         samples_per_epoch=count, owner=None, owner_sequence=0,
     )  # fmt: skip
 

@@ -20,6 +20,7 @@ class Transport(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TRANSPORT_UNSPECIFIED: _ClassVar[Transport]
     TRANSPORT_INBAND: _ClassVar[Transport]
     TRANSPORT_SHARED_MEMORY: _ClassVar[Transport]
+    TRANSPORT_CUDA_IPC: _ClassVar[Transport]
 
 class Compression(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -57,6 +58,7 @@ SPLIT_ALL: Split
 TRANSPORT_UNSPECIFIED: Transport
 TRANSPORT_INBAND: Transport
 TRANSPORT_SHARED_MEMORY: Transport
+TRANSPORT_CUDA_IPC: Transport
 COMPRESSION_UNSPECIFIED: Compression
 COMPRESSION_NONE: Compression
 COMPRESSION_ZSTD: Compression
@@ -120,7 +122,7 @@ class AugmentSpec(_message.Message):
     def __init__(self, ops: _Optional[_Iterable[_Union[Op, _Mapping]]] = ..., fill_mode: _Optional[str] = ..., fill_value: _Optional[int] = ...) -> None: ...
 
 class OpenSession(_message.Message):
-    __slots__ = ("dataset", "split", "spec", "batch_size", "seed", "epochs", "shard_index", "shard_count", "transport", "prefetch", "resume_token", "on_bad_image", "drop_last", "eval_size", "group_policy", "shm_probe_name", "shm_probe_nonce", "group_size", "max_chunk_bytes", "compression", "compression_level", "decode_group_size", "targets")
+    __slots__ = ("dataset", "split", "spec", "batch_size", "seed", "epochs", "shard_index", "shard_count", "transport", "prefetch", "resume_token", "on_bad_image", "drop_last", "eval_size", "group_policy", "shm_probe_name", "shm_probe_nonce", "group_size", "max_chunk_bytes", "compression", "compression_level", "decode_group_size", "targets", "cuda_device_uuid")
     DATASET_FIELD_NUMBER: _ClassVar[int]
     SPLIT_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
@@ -144,6 +146,7 @@ class OpenSession(_message.Message):
     COMPRESSION_LEVEL_FIELD_NUMBER: _ClassVar[int]
     DECODE_GROUP_SIZE_FIELD_NUMBER: _ClassVar[int]
     TARGETS_FIELD_NUMBER: _ClassVar[int]
+    CUDA_DEVICE_UUID_FIELD_NUMBER: _ClassVar[int]
     dataset: str
     split: Split
     spec: AugmentSpec
@@ -167,7 +170,8 @@ class OpenSession(_message.Message):
     compression_level: int
     decode_group_size: int
     targets: TargetRequest
-    def __init__(self, dataset: _Optional[str] = ..., split: _Optional[_Union[Split, str]] = ..., spec: _Optional[_Union[AugmentSpec, _Mapping]] = ..., batch_size: _Optional[int] = ..., seed: _Optional[int] = ..., epochs: _Optional[int] = ..., shard_index: _Optional[int] = ..., shard_count: _Optional[int] = ..., transport: _Optional[_Union[Transport, str]] = ..., prefetch: _Optional[int] = ..., resume_token: _Optional[bytes] = ..., on_bad_image: _Optional[_Union[BadImagePolicy, str]] = ..., drop_last: _Optional[bool] = ..., eval_size: _Optional[_Iterable[int]] = ..., group_policy: _Optional[_Union[GroupPolicy, str]] = ..., shm_probe_name: _Optional[str] = ..., shm_probe_nonce: _Optional[bytes] = ..., group_size: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., compression: _Optional[_Union[Compression, str]] = ..., compression_level: _Optional[int] = ..., decode_group_size: _Optional[int] = ..., targets: _Optional[_Union[TargetRequest, _Mapping]] = ...) -> None: ...
+    cuda_device_uuid: bytes
+    def __init__(self, dataset: _Optional[str] = ..., split: _Optional[_Union[Split, str]] = ..., spec: _Optional[_Union[AugmentSpec, _Mapping]] = ..., batch_size: _Optional[int] = ..., seed: _Optional[int] = ..., epochs: _Optional[int] = ..., shard_index: _Optional[int] = ..., shard_count: _Optional[int] = ..., transport: _Optional[_Union[Transport, str]] = ..., prefetch: _Optional[int] = ..., resume_token: _Optional[bytes] = ..., on_bad_image: _Optional[_Union[BadImagePolicy, str]] = ..., drop_last: _Optional[bool] = ..., eval_size: _Optional[_Iterable[int]] = ..., group_policy: _Optional[_Union[GroupPolicy, str]] = ..., shm_probe_name: _Optional[str] = ..., shm_probe_nonce: _Optional[bytes] = ..., group_size: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., compression: _Optional[_Union[Compression, str]] = ..., compression_level: _Optional[int] = ..., decode_group_size: _Optional[int] = ..., targets: _Optional[_Union[TargetRequest, _Mapping]] = ..., cuda_device_uuid: _Optional[bytes] = ...) -> None: ...
 
 class TargetRequest(_message.Message):
     __slots__ = ("boxes", "keypoints", "masks", "min_area", "min_visibility", "erase_marks_ignore")
@@ -222,7 +226,7 @@ class ClientMessage(_message.Message):
     def __init__(self, open: _Optional[_Union[OpenSession, _Mapping]] = ..., credit: _Optional[_Union[Credit, _Mapping]] = ..., release: _Optional[_Union[ReleaseSlot, _Mapping]] = ..., pause: _Optional[_Union[Pause, _Mapping]] = ..., resume: _Optional[_Union[Resume, _Mapping]] = ...) -> None: ...
 
 class SessionInfo(_message.Message):
-    __slots__ = ("session_id", "samples_per_epoch", "batches_per_epoch", "classes", "backend", "output_size", "transport", "shm_name", "slot_bytes", "slot_count", "prefetch", "start_epoch", "start_position", "shared")
+    __slots__ = ("session_id", "samples_per_epoch", "batches_per_epoch", "classes", "backend", "output_size", "transport", "shm_name", "slot_bytes", "slot_count", "prefetch", "start_epoch", "start_position", "shared", "cuda_ipc_handle", "cuda_device_uuid")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_PER_EPOCH_FIELD_NUMBER: _ClassVar[int]
     BATCHES_PER_EPOCH_FIELD_NUMBER: _ClassVar[int]
@@ -237,6 +241,8 @@ class SessionInfo(_message.Message):
     START_EPOCH_FIELD_NUMBER: _ClassVar[int]
     START_POSITION_FIELD_NUMBER: _ClassVar[int]
     SHARED_FIELD_NUMBER: _ClassVar[int]
+    CUDA_IPC_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    CUDA_DEVICE_UUID_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     samples_per_epoch: int
     batches_per_epoch: int
@@ -251,7 +257,9 @@ class SessionInfo(_message.Message):
     start_epoch: int
     start_position: int
     shared: bool
-    def __init__(self, session_id: _Optional[str] = ..., samples_per_epoch: _Optional[int] = ..., batches_per_epoch: _Optional[int] = ..., classes: _Optional[_Iterable[str]] = ..., backend: _Optional[str] = ..., output_size: _Optional[_Iterable[int]] = ..., transport: _Optional[_Union[Transport, str]] = ..., shm_name: _Optional[str] = ..., slot_bytes: _Optional[int] = ..., slot_count: _Optional[int] = ..., prefetch: _Optional[int] = ..., start_epoch: _Optional[int] = ..., start_position: _Optional[int] = ..., shared: _Optional[bool] = ...) -> None: ...
+    cuda_ipc_handle: bytes
+    cuda_device_uuid: bytes
+    def __init__(self, session_id: _Optional[str] = ..., samples_per_epoch: _Optional[int] = ..., batches_per_epoch: _Optional[int] = ..., classes: _Optional[_Iterable[str]] = ..., backend: _Optional[str] = ..., output_size: _Optional[_Iterable[int]] = ..., transport: _Optional[_Union[Transport, str]] = ..., shm_name: _Optional[str] = ..., slot_bytes: _Optional[int] = ..., slot_count: _Optional[int] = ..., prefetch: _Optional[int] = ..., start_epoch: _Optional[int] = ..., start_position: _Optional[int] = ..., shared: _Optional[bool] = ..., cuda_ipc_handle: _Optional[bytes] = ..., cuda_device_uuid: _Optional[bytes] = ...) -> None: ...
 
 class Tensor(_message.Message):
     __slots__ = ("shape", "dtype", "data")
@@ -264,7 +272,7 @@ class Tensor(_message.Message):
     def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class Batch(_message.Message):
-    __slots__ = ("sequence", "epoch", "position", "count", "images", "slot", "labels", "sample_ids", "resume_token", "skipped", "shm_name", "chunks", "targets", "masks", "masks_offset")
+    __slots__ = ("sequence", "epoch", "position", "count", "images", "slot", "labels", "sample_ids", "resume_token", "skipped", "shm_name", "chunks", "targets", "masks", "masks_offset", "cuda_ipc_handle")
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
@@ -280,6 +288,7 @@ class Batch(_message.Message):
     TARGETS_FIELD_NUMBER: _ClassVar[int]
     MASKS_FIELD_NUMBER: _ClassVar[int]
     MASKS_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    CUDA_IPC_HANDLE_FIELD_NUMBER: _ClassVar[int]
     sequence: int
     epoch: int
     position: int
@@ -295,7 +304,8 @@ class Batch(_message.Message):
     targets: BatchTargets
     masks: Tensor
     masks_offset: int
-    def __init__(self, sequence: _Optional[int] = ..., epoch: _Optional[int] = ..., position: _Optional[int] = ..., count: _Optional[int] = ..., images: _Optional[_Union[Tensor, _Mapping]] = ..., slot: _Optional[int] = ..., labels: _Optional[_Iterable[int]] = ..., sample_ids: _Optional[_Iterable[int]] = ..., resume_token: _Optional[bytes] = ..., skipped: _Optional[_Iterable[str]] = ..., shm_name: _Optional[str] = ..., chunks: _Optional[int] = ..., targets: _Optional[_Union[BatchTargets, _Mapping]] = ..., masks: _Optional[_Union[Tensor, _Mapping]] = ..., masks_offset: _Optional[int] = ...) -> None: ...
+    cuda_ipc_handle: bytes
+    def __init__(self, sequence: _Optional[int] = ..., epoch: _Optional[int] = ..., position: _Optional[int] = ..., count: _Optional[int] = ..., images: _Optional[_Union[Tensor, _Mapping]] = ..., slot: _Optional[int] = ..., labels: _Optional[_Iterable[int]] = ..., sample_ids: _Optional[_Iterable[int]] = ..., resume_token: _Optional[bytes] = ..., skipped: _Optional[_Iterable[str]] = ..., shm_name: _Optional[str] = ..., chunks: _Optional[int] = ..., targets: _Optional[_Union[BatchTargets, _Mapping]] = ..., masks: _Optional[_Union[Tensor, _Mapping]] = ..., masks_offset: _Optional[int] = ..., cuda_ipc_handle: _Optional[bytes] = ...) -> None: ...
 
 class BatchTargets(_message.Message):
     __slots__ = ("box_offsets", "boxes", "box_labels", "keypoints")

@@ -92,6 +92,9 @@ class AugmentServicer:
         not issued by a server, or for another stream; a dataset whose images
         differ in size under a spec that fixes no output size;
         TRANSPORT_SHARED_MEMORY from a client not on the server's host;
+        TRANSPORT_CUDA_IPC where the server cannot serve it (the message says
+        why: no GPU of its own for batches, another GPU, another host,
+        masks asked for); an `open.cuda_device_uuid` not of 16 bytes;
         `open.compression` naming a codec this server does not know or
         cannot encode (its library is not installed: the message names the
         Python package; ServerInfo.compressions lists what it can), or
@@ -114,7 +117,8 @@ class AugmentServicer:
         the stream was cut before its open message to admit newer ones (too
         many streams waiting to open, from one host or in all).
         FAILED_PRECONDITION raised by clients (not the server): the server chose shared memory but
-        its segment cannot be mapped here; reopen with TRANSPORT_INBAND. Also
+        its segment cannot be mapped here, or CUDA IPC but its device ring
+        cannot be opened here; reopen with TRANSPORT_INBAND. Also
         a client asked for a compression whose decoding library it lacks.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
