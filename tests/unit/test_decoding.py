@@ -216,6 +216,143 @@ class TestDecodeGroup:
         assert part == "taker" and shared.ready.is_set()
 
 
+# --- whether a decoder keeps a batch's decoded images (`DecodeGroup.start`'s keep) ---
+
+ENCODED = [b"\x01a", b"\x02b"]  # a batch of two: sample ids 0 and 1
+KEPT = 2 * image(0).nbytes  # its decoded images
+
+
+def claimed(producers: list[int]) -> tuple[DecodeGroup, ByteBudget, BatchDecode]:
+    """A group of `producers` at (0, 0) whose first one has read the batch as its decoder."""
+    budget = ByteBudget(1 << 20)
+    group = DecodeGroup(("order",), budget)
+    for producer_id in producers:
+        group.join(producer_id, (0, 0))
+    decoder = batch_decode(group, producers[0])
+    decoder.read(lambda: [SourceImage(index, 0, f"file{index}", data) for index, data in enumerate(ENCODED)])
+    return group, budget, decoder
+
+
+def batch_decode(group: DecodeGroup, producer_id: int) -> BatchDecode:
+    return BatchDecode(producer_id=producer_id, cursor=(0, 0), following=(0, 2), until_epoch=None,
+                       group=group, cache=None, tally=DecodeTally())
+
+
+def register(group: DecodeGroup, producer_id: int) -> tuple[decoding.SharedBatch, decoding.Job]:
+    """`producer_id` comes for the batch and registers its job before the decoder starts."""
+    shared, part = group.arrive(producer_id, (0, 0), (0, 2), None)
+    assert part == "taker"
+    job = decoding.Job(producer_id, [Plan(20, 0), Plan(20, 1)], np.zeros((2, 4, 4, 3), np.uint8), {0: 0, 1: 1}, [False, False])
+    assert group.register(shared, job)
+    return shared, job
+
+
+def decode(group: DecodeGroup, decoder: BatchDecode, backend: Backend) -> tuple[decoding.SharedBatch, bool]:
+    """The decoder's augment of the batch (then publish): the batch it shared and its start's keep."""
+    answers = []
+    start = group.start
+
+    def noted_start(shared: decoding.SharedBatch) -> tuple[list[decoding.Job], bool]:
+        jobs, keep = start(shared)  # the real start: only its answer is noted
+        answers.append((shared, keep))
+        return jobs, keep
+
+    group.start = noted_start
+    try:
+        decoder.augment(backend, ENCODED, [Plan(10, index) for index in range(2)], None, no_turn)
+    finally:
+        decoder.close()
+    [(shared, keep)] = answers
+    return shared, keep
+
+
+def test_nothing_is_kept_when_every_taker_registered_before_the_decoder_started() -> None:
+    """Nobody can come for the images later, so each goes once its rows are written."""
+    group, budget, decoder = claimed([1, 2, 3])
+    jobs = [register(group, producer_id)[1] for producer_id in (2, 3)]
+    backend = Backend()
+    shared, keep = decode(group, decoder, backend)
+    assert keep is False and shared.images == {}  # not even on the batch
+    assert group.kept_bytes == 0 and budget.taken == 0
+    assert backend.decodes == 2 and all(job.written == [True, True] for job in jobs)
+    assert [int(job.out[row, 0, 0, 0]) for job in jobs for row in range(2)] == [21, 22, 21, 22]
+
+
+@pytest.mark.parametrize("goes", ["takes", "leaves"])
+def test_images_are_kept_within_the_budget_for_a_member_that_has_not_come_yet(goes: str) -> None:
+    """A member still to come may take them; once it took them (or left) they are let go."""
+    group, budget, decoder = claimed([1, 2])
+    backend = Backend()
+    shared, keep = decode(group, decoder, backend)
+    assert keep is True and sorted(shared.images) == [0, 1]
+    assert group.kept_bytes == KEPT and budget.taken == KEPT
+    if goes == "takes":
+        assert run(group, 2, (0, 0), ENCODED, backend, add=20)[::2] == ([21, 22], (0, 2, 0))
+    else:
+        group.leave(2)
+    assert backend.decodes == 2 and group.kept_bytes == 0 and budget.taken == 0
+
+
+def test_images_are_kept_while_one_taker_registered_and_another_has_not_come() -> None:
+    """One registered taker does not make the batch done: the member still to come takes it."""
+    group, budget, decoder = claimed([1, 2, 3])
+    _, job = register(group, 2)
+    backend = Backend()
+    shared, keep = decode(group, decoder, backend)
+    assert keep is True and job.written == [True, True]
+    assert group.kept_bytes == KEPT  # for producer 3
+    assert run(group, 3, (0, 0), ENCODED, backend, add=30)[::2] == ([31, 32], (0, 2, 0))
+    assert backend.decodes == 2 and group.kept_bytes == 0 and budget.taken == 0
+
+
+def test_images_are_kept_on_the_batch_for_a_taker_that_came_but_did_not_register() -> None:
+    """A taker that came too late to register takes the kept images instead of decoding again;
+    it holds the batch itself, so nothing of the group's budget is taken for it."""
+    group, budget, decoder = claimed([1, 2])
+    taker = batch_decode(group, 2)
+    assert len(taker.read(list)) == 2  # the decoder's read (its own would be empty): it came, did not register
+    backend = Backend()
+    shared, keep = decode(group, decoder, backend)
+    assert keep is True and sorted(shared.images) == [0, 1]
+    assert group.kept_bytes == 0 and budget.taken == 0  # nobody else waits: not in the budget
+    result = taker.augment(backend, ENCODED, [Plan(20, index) for index in range(2)], None, no_turn)
+    taker.close()
+    assert [int(row[0, 0, 0]) for row in result.images] == [21, 22]
+    assert backend.decodes == 2 and taker.tally.values() == (0, 2, 0)
+
+
+def test_images_are_kept_for_a_producer_that_joined_after_the_claim_and_came_for_them() -> None:
+    """A producer the decoder did not count as a taker but that came for the batch may still
+    take it: its arrival, not the claim's takers, decides."""
+    group, _, decoder = claimed([1, 2])
+    register(group, 2)
+    group.join(3, (0, 0))
+    late, part = group.arrive(3, (0, 0), (0, 2), None)
+    assert part == "taker" and 3 not in late.waiting
+    shared, keep = decode(group, decoder, Backend())
+    assert keep is True and sorted(shared.images) == [0, 1]
+
+
+def test_nothing_is_kept_for_a_taker_that_withdrew_its_job_before_the_start() -> None:
+    """A withdrawn taker goes its own way: it takes nothing kept."""
+    group, budget, decoder = claimed([1, 2])
+    taker_shared, job = register(group, 2)
+    assert group.withdraw(taker_shared, job)
+    shared, keep = decode(group, decoder, Backend())
+    assert keep is False and shared.images == {} and not shared.jobs
+    assert group.kept_bytes == 0 and budget.taken == 0
+
+
+def test_nothing_is_kept_for_a_taker_that_came_and_left_before_the_start() -> None:
+    """A producer that left takes nothing more, though it came for the batch."""
+    group, budget, decoder = claimed([1, 2])
+    group.arrive(2, (0, 0), (0, 2), None)
+    group.leave(2)
+    shared, keep = decode(group, decoder, Backend())
+    assert keep is False and shared.images == {}
+    assert group.kept_bytes == 0 and budget.taken == 0
+
+
 class TestBatchDecodeWithTheCache:
     def test_later_epochs_take_the_cached_images(self) -> None:
         cache = DecodedCache(1 << 20)
