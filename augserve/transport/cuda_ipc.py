@@ -234,10 +234,6 @@ class CudaSlot:
     device: int = 0
     driver: CudaDriver | None = field(default=None, compare=False, repr=False)
 
-    @property
-    def nbytes(self) -> int:
-        return int(np.prod(self.shape))
-
     def to_host(self, out: np.ndarray | None = None) -> np.ndarray:
         """The slot's bytes copied into `out` (C-contiguous uint8 of its shape) or a new array."""
         out = np.empty(self.shape, np.uint8) if out is None else out
