@@ -4,6 +4,7 @@ resume from the Lightning checkpoint, and train on exactly the batches of an uni
 from __future__ import annotations
 
 import hashlib
+import time
 
 import pytest
 import torch
@@ -92,19 +93,28 @@ def test_resuming_a_mid_epoch_lightning_checkpoint_trains_on_exactly_the_same_ba
 
 class PauseWatcher(Recorder):
     """Records, at every validation batch, whether the server holds this run's training
-    session as paused."""
+    session as paused. The pause travels on the stream's own message queue, so the server
+    may see it a moment after validation starts: each check waits for it up to 10 s."""
 
     def __init__(self, server) -> None:
         super().__init__()
         self.server = server
         self.paused_while_validating: list[bool] = []
 
-    def validation_step(self, batch, batch_index):
-        import time
+    def training_sessions(self) -> list:
+        return [session for session in self.server.manager.sessions.values() if session.key.split == "train"]
 
-        training = [session for session in self.server.manager.sessions.values() if session.key.split == "train"]
-        if training:  # none yet during the sanity check before the first epoch
-            self.paused_while_validating.append(all(session.paused(time.monotonic()) for session in training))
+    def all_training_paused(self) -> bool:
+        deadline = time.monotonic() + 10.0
+        while True:
+            now = time.monotonic()
+            if all(session.paused(now) for session in self.training_sessions()) or now > deadline:
+                return all(session.paused(now) for session in self.training_sessions())
+            time.sleep(0.02)
+
+    def validation_step(self, batch, batch_index):
+        if self.training_sessions():  # none yet during the sanity check before the first epoch
+            self.paused_while_validating.append(self.all_training_paused())
         return super().validation_step(batch, batch_index)
 
 

@@ -114,6 +114,12 @@ def run_on_a_terminal(command: list[str]) -> tuple[int, str]:
     return code, output.decode(errors="replace")
 
 
+def train_log(run_folder: Path) -> str:
+    """The end of a run's train.log, for a failure message."""
+    log = run_folder / "train.log"
+    return "\n--- " + str(log) + ":\n" + (log.read_text()[-3000:] if log.exists() else "(none)")
+
+
 def test_on_a_terminal_lines_are_live_and_no_progress_makes_them_plain(tmp_path):
     root = ensure_demo_dataset(DemoConfig(images_per_class=6, image_size=32), root=tmp_path / "data")
     sweep = {
@@ -129,7 +135,7 @@ def test_on_a_terminal_lines_are_live_and_no_progress_makes_them_plain(tmp_path)
                 sys.executable, "-m", "trainer.sweep", "--config", str(tmp_path / "sweep.yaml"),
                 "--endpoint", server.address, "--output", str(tmp_path / mode), *extra,
             ])
-            assert code == 0, outputs[mode][-3000:]
+            assert code == 0, outputs[mode][-3000:] + train_log(tmp_path / mode / "linear-sgd")
     assert "\x1b[2K" in outputs["live"]  # lines drawn and redrawn in place
     assert "\x1b" not in outputs["quiet"]
     quiet_lines = [line for line in outputs["quiet"].splitlines() if line.startswith("linear-sgd ")]
