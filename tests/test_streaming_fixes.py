@@ -1,10 +1,13 @@
 """Regressions of the session machinery, each against a real server on 127.0.0.1: batches made
 before a bad file are delivered before its DATA_LOSS, detaching respects the memory budget,
-credits are honoured, and the seed bound is one definition."""
+credits are honoured, the seed bound is one definition, and a ring outlives its
+unreleased slots."""
 
 from __future__ import annotations
 
+import queue
 import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -22,6 +25,7 @@ from augserve.data.demo import DemoConfig, ensure_demo_dataset
 from augserve.rpc.convert import spec_to_proto
 from augserve.rpc.server import DatasetConfig
 from augserve.streaming.manager import INBAND_COPIES
+from augserve.transport.ring import SHM_DIR, SlotReader, remove_probe, write_probe
 from servers import running_server, wait_until
 from trainer.run_config import DataConfig
 
@@ -159,3 +163,38 @@ def test_the_seed_bound_is_one_definition(dataset_root):
             with pytest.raises(AugserveClientError) as refused:
                 client.stream("shapes", spec=SPEC, batch_size=BATCH, seed=MAX_SEED + 1, epochs=1)
         assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT and "open.seed" in refused.value.message
+
+
+def test_a_stream_sent_whole_keeps_its_ring_until_its_slots_are_released(dataset_root):
+    """A one-batch shared-memory stream is produced and sent whole before its client reads the
+    SessionInfo naming the ring: the ring stays until the client has mapped it and released the
+    slot, and only then does End come and the segment go."""
+    probe, nonce = write_probe()
+    opening = pb.OpenSession(
+        dataset="shapes", spec=spec_to_proto(SPEC), batch_size=64, seed=SEED, epochs=1,
+        transport=pb.TRANSPORT_SHARED_MEMORY, shm_probe_name=probe, shm_probe_nonce=nonce,
+    )  # fmt: skip
+    requests: queue.Queue[pb.ClientMessage | None] = queue.Queue()
+    requests.put(pb.ClientMessage(open=opening))
+    try:
+        with running_server({"shapes": DatasetConfig(str(dataset_root))}) as server, grpc.insecure_channel(server.address) as channel:
+            call = pb_grpc.AugmentStub(channel).Stream(iter(requests.get, None), timeout=60)
+            try:
+                assert wait_until(lambda: server.manager.counters.batches_delivered == 1)
+                time.sleep(0.5)  # long enough for a server that does not wait to end the stream
+                info = next(call).info
+                segment = SHM_DIR / info.shm_name
+                reader = SlotReader(info.shm_name, info.slot_bytes)
+                batch = next(call).batch
+                images = reader.view(batch.slot, (batch.count, *info.output_size, 3)).copy()
+                reader.close()
+                requests.put(pb.ClientMessage(release=pb.ReleaseSlot(sequence=batch.sequence)))
+                rest = [message.WhichOneof("kind") for message in call]
+            finally:
+                requests.put(None)
+                call.cancel()
+            assert batch.count == len(load_manifest(dataset_root)) and images.any()
+            assert rest == ["epoch_end", "end"]
+            assert wait_until(lambda: not segment.exists())
+    finally:
+        remove_probe(probe)

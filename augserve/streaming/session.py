@@ -246,8 +246,27 @@ class Session:
             if delivery.end_of_epoch:
                 yield EpochEnded(delivery.epoch, delivery.samples_per_epoch, delivery.epoch_skipped)
                 if self.end_epoch is not None and delivery.epoch + 1 >= self.end_epoch:
+                    self._await_releases()
                     yield StreamEnded(f"finished {self.end_epoch} epochs")
                     return
+
+    def _await_releases(self) -> None:
+        """Before a shared-memory or CUDA IPC stream ends, wait until the client has released
+        every slot it was sent. The ring is freed with the session, and a client maps a ring by
+        name only when it reads the message naming it, which may be after a short stream has
+        been produced and sent whole. A client releases a batch when it asks for the next one,
+        so this costs the end of a stream one round trip. It ends early if the stream is
+        cancelled or fails, or after `idle_seconds` without word from the client."""
+        if not self.key.slotted:
+            return
+        while True:
+            producer = self.producer
+            with producer.condition:
+                while self.producer is producer:
+                    idle = time.monotonic() - max(self.last_activity, self.paused_until)
+                    if not self.outstanding or self.cancelled or self.failure is not None or idle > self.idle_seconds:
+                        return
+                    producer.condition.wait(timeout=min(WAIT_SECONDS, self.idle_seconds))
 
     def _next_delivery(self) -> Delivery | None:
         while True:
