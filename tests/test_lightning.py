@@ -15,7 +15,7 @@ pl = pytest.importorskip("pytorch_lightning")
 from augserve.core.spec import AugmentSpec  # noqa: E402
 from augserve.data.demo import DemoConfig, ensure_demo_dataset  # noqa: E402
 from augserve.rpc.server import DatasetConfig  # noqa: E402
-from servers import running_server  # noqa: E402
+from servers import running_server, wait_until  # noqa: E402
 from trainer.lightning import AugserveDataModule  # noqa: E402
 
 SPEC = AugmentSpec.from_dict({"ops": [{"rotate": {"degrees": 20}}, {"flip": {"horizontal": 0.5}}, {"resize": {"size": [32, 32]}}]})
@@ -105,12 +105,7 @@ class PauseWatcher(Recorder):
         return [session for session in self.server.manager.sessions.values() if session.key.split == "train"]
 
     def all_training_paused(self) -> bool:
-        deadline = time.monotonic() + 10.0
-        while True:
-            now = time.monotonic()
-            if all(session.paused(now) for session in self.training_sessions()) or now > deadline:
-                return all(session.paused(now) for session in self.training_sessions())
-            time.sleep(0.02)
+        return wait_until(lambda: all(session.paused(time.monotonic()) for session in self.training_sessions()), interval=0.02)
 
     def validation_step(self, batch, batch_index):
         if self.training_sessions():  # none yet during the sanity check before the first epoch

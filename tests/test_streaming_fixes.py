@@ -1,7 +1,7 @@
 """Regressions of the session machinery, each against a real server on 127.0.0.1: batches made
 before a bad file are delivered before its DATA_LOSS, detaching respects the memory budget,
 credits are honoured, the seed bound is one definition, and a ring outlives its
-unreleased slots."""
+unreleased slots (still answering a bad message meanwhile)."""
 
 from __future__ import annotations
 
@@ -165,36 +165,67 @@ def test_the_seed_bound_is_one_definition(dataset_root):
         assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT and "open.seed" in refused.value.message
 
 
+class WholeStream:
+    """A raw Stream call for a one-batch shared-memory stream (the split fits in one batch)
+    that reads nothing until the server has produced and sent all of it; `send` adds client
+    messages, `close` ends the call and removes the same-host probe."""
+
+    def __init__(self, server) -> None:
+        self.probe, nonce = write_probe()
+        opening = pb.OpenSession(
+            dataset="shapes", spec=spec_to_proto(SPEC), batch_size=64, seed=SEED, epochs=1,
+            transport=pb.TRANSPORT_SHARED_MEMORY, shm_probe_name=self.probe, shm_probe_nonce=nonce,
+        )  # fmt: skip
+        self.channel = grpc.insecure_channel(server.address)
+        self.requests: queue.Queue[pb.ClientMessage | None] = queue.Queue()
+        self.send(pb.ClientMessage(open=opening))
+        self.call = pb_grpc.AugmentStub(self.channel).Stream(iter(self.requests.get, None), timeout=60)
+        assert wait_until(lambda: server.manager.counters.batches_delivered == 1)
+        time.sleep(0.5)  # long enough for a server that does not wait to end the stream
+
+    def send(self, message: pb.ClientMessage) -> None:
+        self.requests.put(message)
+
+    def close(self) -> None:
+        self.requests.put(None)
+        self.call.cancel()
+        self.channel.close()
+        remove_probe(self.probe)
+
+
 def test_a_stream_sent_whole_keeps_its_ring_until_its_slots_are_released(dataset_root):
     """A one-batch shared-memory stream is produced and sent whole before its client reads the
     SessionInfo naming the ring: the ring stays until the client has mapped it and released the
     slot, and only then does End come and the segment go."""
-    probe, nonce = write_probe()
-    opening = pb.OpenSession(
-        dataset="shapes", spec=spec_to_proto(SPEC), batch_size=64, seed=SEED, epochs=1,
-        transport=pb.TRANSPORT_SHARED_MEMORY, shm_probe_name=probe, shm_probe_nonce=nonce,
-    )  # fmt: skip
-    requests: queue.Queue[pb.ClientMessage | None] = queue.Queue()
-    requests.put(pb.ClientMessage(open=opening))
-    try:
-        with running_server({"shapes": DatasetConfig(str(dataset_root))}) as server, grpc.insecure_channel(server.address) as channel:
-            call = pb_grpc.AugmentStub(channel).Stream(iter(requests.get, None), timeout=60)
-            try:
-                assert wait_until(lambda: server.manager.counters.batches_delivered == 1)
-                time.sleep(0.5)  # long enough for a server that does not wait to end the stream
-                info = next(call).info
-                segment = SHM_DIR / info.shm_name
-                reader = SlotReader(info.shm_name, info.slot_bytes)
-                batch = next(call).batch
-                images = reader.view(batch.slot, (batch.count, *info.output_size, 3)).copy()
-                reader.close()
-                requests.put(pb.ClientMessage(release=pb.ReleaseSlot(sequence=batch.sequence)))
-                rest = [message.WhichOneof("kind") for message in call]
-            finally:
-                requests.put(None)
-                call.cancel()
-            assert batch.count == len(load_manifest(dataset_root)) and images.any()
-            assert rest == ["epoch_end", "end"]
-            assert wait_until(lambda: not segment.exists())
-    finally:
-        remove_probe(probe)
+    with running_server({"shapes": DatasetConfig(str(dataset_root))}) as server:
+        stream = WholeStream(server)
+        try:
+            info = next(stream.call).info
+            segment = SHM_DIR / info.shm_name
+            reader = SlotReader(info.shm_name, info.slot_bytes)
+            batch = next(stream.call).batch
+            images = reader.view(batch.slot, (batch.count, *info.output_size, 3)).copy()
+            reader.close()
+            stream.send(pb.ClientMessage(release=pb.ReleaseSlot(sequence=batch.sequence)))
+            rest = [message.WhichOneof("kind") for message in stream.call]
+        finally:
+            stream.close()
+        assert batch.count == len(load_manifest(dataset_root)) and images.any()
+        assert rest == ["epoch_end", "end"]
+        assert wait_until(lambda: not segment.exists())
+
+
+def test_a_bad_message_while_the_end_waits_for_releases_is_refused(dataset_root):
+    """Waiting for its last release, a stream still answers a bad client message with
+    INVALID_ARGUMENT naming the field, not with a clean end."""
+    with running_server({"shapes": DatasetConfig(str(dataset_root))}) as server:
+        stream = WholeStream(server)
+        try:
+            assert next(stream.call).WhichOneof("kind") == "info"
+            assert next(stream.call).WhichOneof("kind") == "batch"
+            stream.send(pb.ClientMessage(open=pb.OpenSession(dataset="shapes")))
+            with pytest.raises(grpc.RpcError) as refused:
+                list(stream.call)
+        finally:
+            stream.close()
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "open" in refused.value.details()

@@ -246,27 +246,35 @@ class Session:
             if delivery.end_of_epoch:
                 yield EpochEnded(delivery.epoch, delivery.samples_per_epoch, delivery.epoch_skipped)
                 if self.end_epoch is not None and delivery.epoch + 1 >= self.end_epoch:
-                    self._await_releases()
-                    yield StreamEnded(f"finished {self.end_epoch} epochs")
+                    if self._await_releases():
+                        yield StreamEnded(f"finished {self.end_epoch} epochs")
                     return
 
-    def _await_releases(self) -> None:
+    def _await_releases(self) -> bool:
         """Before a shared-memory or CUDA IPC stream ends, wait until the client has released
         every slot it was sent. The ring is freed with the session, and a client maps a ring by
         name only when it reads the message naming it, which may be after a short stream has
         been produced and sent whole. A client releases a batch when it asks for the next one,
-        so this costs the end of a stream one round trip. It ends early if the stream is
-        cancelled or fails, or after `idle_seconds` without word from the client."""
+        so this costs the end of a stream one round trip. True when the stream may end (also
+        after `idle_seconds` without word from the client), False if it was cancelled; raises
+        the failure that ends it meanwhile (a bad message, the server shutting down)."""
         if not self.key.slotted:
-            return
+            return True
         while True:
             producer = self.producer
             with producer.condition:
                 while self.producer is producer:
-                    idle = time.monotonic() - max(self.last_activity, self.paused_until)
-                    if not self.outstanding or self.cancelled or self.failure is not None or idle > self.idle_seconds:
-                        return
+                    if self.cancelled:
+                        return False
+                    if self.failure is not None:
+                        raise self.failure
+                    if not self.outstanding or self._idle_expired(time.monotonic()):
+                        return True
                     producer.condition.wait(timeout=min(WAIT_SECONDS, self.idle_seconds))
+
+    def _idle_expired(self, now: float) -> bool:
+        """No word from the client, nor a pause covering the silence, for `idle_seconds`."""
+        return now - max(self.last_activity, self.paused_until) > self.idle_seconds
 
     def _next_delivery(self) -> Delivery | None:
         while True:
@@ -284,7 +292,7 @@ class Session:
                         raise producer.error
                     if ready is None and producer.stopped:
                         raise UnavailableError("the producer of this stream stopped; reconnect with the last resume token")
-                    if ready is not None and time.monotonic() - max(self.last_activity, self.paused_until) > self.idle_seconds:
+                    if ready is not None and self._idle_expired(time.monotonic()):
                         raise IdleError(
                             f"closed: batches were ready but no credit came for {self.idle_seconds:g} s "
                             "(limit idle_session_seconds); reopen with the last resume token"
